@@ -1,0 +1,3 @@
+//! Data: chat templates (and, next, FalseReject rows and batches).
+
+pub mod template;

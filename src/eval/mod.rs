@@ -1,0 +1,3 @@
+//! Evaluation: generation (and, next, judges and the per-epoch hook).
+
+pub mod generate;

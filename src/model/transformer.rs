@@ -1,0 +1,413 @@
+//! The one decoder: Llama, SmolLM2, Qwen2/2.5 and Qwen3 differ only in `ModelConfig` flags.
+//!
+//! The same code trains (full sequences, padding and packing masks, per-token positions) and
+//! generates (KV cache). Every op on the training path carries gradients: RMSNorm, RoPE and softmax
+//! are composed from differentiable candle ops here (candle's fused versions drop gradients), and the
+//! frozen projections use [`frozen_linear`], which gives the input a gradient and the weight none.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::config::ModelConfig;
+use super::input::{TokenBatch, IGNORE_INDEX};
+use super::lora::{init_rng, DropoutRng, LoraConfig, LoraLinear};
+use crate::error::{CandorError, Result};
+use crate::ops::frozen_linear;
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: LoraLinear,
+    pub k_proj: LoraLinear,
+    pub v_proj: LoraLinear,
+    pub o_proj: LoraLinear,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: LoraLinear,
+    pub up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
+}
+
+#[derive(Debug)]
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+pub struct Transformer {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub lora: Option<LoraConfig>,
+    inv_freq: Tensor,
+    dropout_rng: Mutex<DropoutRng>,
+}
+
+/// Takes base weights by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, …).
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+    source: String,
+}
+
+impl WeightMap {
+    pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<String>) -> Self {
+        WeightMap { tensors, source: source.into() }
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| CandorError::msg(format!("{}: missing tensor {name}", self.source)))?;
+        if t.dims() != shape {
+            return Err(CandorError::msg(format!(
+                "{}: tensor {name} has shape {:?} but config.json implies {:?}",
+                self.source,
+                t.dims(),
+                shape
+            )));
+        }
+        Ok(t)
+    }
+
+    fn take_opt(&mut self, name: &str, shape: &[usize], present: bool) -> Result<Option<Tensor>> {
+        if present {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl Transformer {
+    /// Builds the model from base weights (already in the compute dtype, on the target device).
+    pub fn new(config: ModelConfig, mut w: WeightMap, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let linear = |w: &mut WeightMap, name: String, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+            let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+            let b = w.take_opt(&format!("{name}.bias"), &[out], bias)?;
+            Ok(LoraLinear::frozen(name, weight, b))
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = Attention {
+                q_proj: linear(&mut w, format!("{p}.self_attn.q_proj"), q_out, h, c.qkv_bias)?,
+                k_proj: linear(&mut w, format!("{p}.self_attn.k_proj"), kv_out, h, c.qkv_bias)?,
+                v_proj: linear(&mut w, format!("{p}.self_attn.v_proj"), kv_out, h, c.qkv_bias)?,
+                o_proj: linear(&mut w, format!("{p}.self_attn.o_proj"), h, q_out, c.o_bias)?,
+                q_norm: w.take_opt(&format!("{p}.self_attn.q_norm.weight"), &[hd], c.qk_norm)?,
+                k_norm: w.take_opt(&format!("{p}.self_attn.k_norm.weight"), &[hd], c.qk_norm)?,
+            };
+            let mlp = Mlp {
+                gate_proj: linear(&mut w, format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                up_proj: linear(&mut w, format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                down_proj: linear(&mut w, format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+            };
+            layers.push(Layer {
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn,
+                post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints still carry a copy; it is the same matrix.
+            w.tensors.remove("lm_head.weight");
+            None
+        } else {
+            Some(w.take("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        // Rotary buffers some exporters include.
+        w.tensors.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        if let Some(extra) = w.tensors.keys().min() {
+            return Err(CandorError::msg(format!(
+                "{}: unexpected tensor {extra} ({} unused) — is config.json for this checkpoint?",
+                w.source,
+                w.tensors.len()
+            )));
+        }
+        let inv_freq = Tensor::new(config.rope_inv_freq(), device)?;
+        Ok(Transformer {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            lora: None,
+            inv_freq,
+            dropout_rng: Mutex::new(init_rng(0)),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// All linear layers, in a fixed order (layer by layer, q k v o gate up down).
+    pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.layers.iter().flat_map(|l| {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        })
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.layers.iter_mut().flat_map(|l| {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+        })
+    }
+
+    /// Attaches fresh LoRA adapters to the targeted projections. `seed` fixes A's initialisation and
+    /// the dropout masks.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        let targets = cfg.resolved_targets()?;
+        let mut rng = init_rng(seed);
+        for lin in self.linears_mut() {
+            let module = lin.name.rsplit('.').next().unwrap_or_default().to_string();
+            if targets.contains(&module) {
+                lin.attach(cfg, &mut rng)?;
+            }
+        }
+        *self.dropout_rng.lock().unwrap() = init_rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+        self.lora = Some(cfg.clone());
+        Ok(())
+    }
+
+    /// The trainable tensors, named as PEFT names them.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for lin in self.linears() {
+            if let Some(ad) = &lin.lora {
+                out.push((super::lora::peft_tensor_name(&lin.name, 'A'), ad.a.clone()));
+                out.push((super::lora::peft_tensor_name(&lin.name, 'B'), ad.b.clone()));
+            }
+        }
+        out
+    }
+
+    pub fn num_lora_parameters(&self) -> usize {
+        self.lora_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Hidden states after the last layer, before the final norm: `[batch, seq_len, hidden]`.
+    /// `train` turns LoRA dropout on. With a cache, the batch continues the cached sequences.
+    pub fn hidden_states(&self, batch: &TokenBatch, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let device = self.device();
+        let past_len = cache.as_ref().map_or(0, |c| c.len());
+        let ids = batch.ids_tensor(device)?;
+        let bias = batch.attention_bias(past_len, device)?;
+        let (cos, sin) = self.rotary(batch)?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((
+            batch.batch,
+            batch.seq_len,
+            self.config.hidden_size,
+        ))?;
+        let mut rng_guard = if train { Some(self.dropout_rng.lock().unwrap()) } else { None };
+        let mut cache = cache;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let rng = rng_guard.as_deref_mut();
+            x = self.layer_forward(layer, &x, &cos, &sin, bias.as_ref(), layer_cache, rng)?;
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut rng: Option<&mut DropoutRng>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let a = &layer.self_attn;
+
+        let h = rms_norm(x, &layer.input_layernorm, eps)?;
+        let q = a.q_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nh, hd))?;
+        let k = a.k_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?;
+        let v = a.v_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?;
+        let q = match &a.q_norm {
+            Some(w) => rms_norm(&q, w, eps)?,
+            None => q,
+        };
+        let k = match &a.k_norm {
+            Some(w) => rms_norm(&k, w, eps)?,
+            None => k,
+        };
+        let q = apply_rope(&q.transpose(1, 2)?, cos, sin)?;
+        let k = apply_rope(&k.transpose(1, 2)?, cos, sin)?;
+        let v = v.transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let attn = attention(&q, &k, &v, bias, nkv)?; // [b, nh, t, hd]
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let x = (x + a.o_proj.forward(&attn, rng.as_deref_mut())?)?;
+
+        let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+        let m = &layer.mlp;
+        let gate = m.gate_proj.forward(&h, rng.as_deref_mut())?;
+        let up = m.up_proj.forward(&h, rng.as_deref_mut())?;
+        let act = (gate.silu()? * up)?;
+        Ok((x + m.down_proj.forward(&act, rng)?)?)
+    }
+
+    /// cos and sin for every token's position: `[batch, 1, seq_len, head_dim / 2]` in the model dtype.
+    fn rotary(&self, batch: &TokenBatch) -> Result<(Tensor, Tensor)> {
+        let pos = batch.positions_tensor(self.device())?.to_dtype(DType::F32)?;
+        let freqs = pos.unsqueeze(2)?.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?.unsqueeze(1)?;
+        Ok((freqs.cos()?.to_dtype(self.dtype())?, freqs.sin()?.to_dtype(self.dtype())?))
+    }
+
+    fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Logits for every position: `[batch, seq_len, vocab]` in f32. For training use [`Self::loss_sum`],
+    /// which only computes the rows that carry loss.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(hidden, &self.norm, self.config.rms_norm_eps)?;
+        Ok(frozen_linear(&h, self.lm_head_weight(), None)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits of the last position of each row: `[batch, vocab]` (generation).
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let t = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?)?.squeeze(1).map_err(Into::into)
+    }
+
+    /// Sum of next-token cross-entropy over the positions whose target is not [`IGNORE_INDEX`], and how
+    /// many there were. The LM head runs only on those positions. Divide by the token count of the
+    /// whole optimizer step to get the mean the trainer optimises.
+    pub fn loss_sum(&self, hidden: &Tensor, targets: &[i64]) -> Result<(Tensor, usize)> {
+        let hidden_size = self.config.hidden_size;
+        let flat = hidden.reshape(((), hidden_size))?;
+        if targets.len() != flat.dim(0)? {
+            return Err(CandorError::msg(format!("{} targets for {} positions", targets.len(), flat.dim(0)?)));
+        }
+        let (rows, labels): (Vec<u32>, Vec<u32>) = targets
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t != IGNORE_INDEX)
+            .map(|(i, &t)| (i as u32, t as u32))
+            .unzip();
+        if let Some(bad) = labels.iter().find(|&&l| l as usize >= self.config.vocab_size) {
+            return Err(CandorError::msg(format!("target id {bad} is outside the vocabulary")));
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok((Tensor::zeros((), DType::F32, self.device())?, 0));
+        }
+        let device = self.device();
+        let rows = Tensor::new(rows, device)?;
+        let labels = Tensor::new(labels, device)?;
+        let selected = flat.index_select(&rows, 0)?;
+        let logits = self.logits(&selected)?; // [n, vocab] f32
+        Ok((cross_entropy_sum(&logits, &labels)?, n))
+    }
+}
+
+/// `weight · x / √(mean(x²) + eps)` over the last dimension, computed in f32 as transformers does.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let normed = x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// Half-rotation RoPE (the Hugging Face layout): `x: [batch, heads, seq, head_dim]`,
+/// `cos/sin: [batch, 1, seq, head_dim/2]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+}
+
+/// Scaled dot-product attention with grouped KV heads, without copying K and V per query head:
+/// the query heads that share a KV head are stacked along the sequence axis.
+/// `q: [b, nh, t, d]`, `k, v: [b, nkv, tk, d]`, `bias: [b, 1, t, tk]` → `[b, nh, t, d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, nkv: usize) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let rep = nh / nkv;
+    let qg = q.contiguous()?.reshape((b, nkv, rep * t, d))?;
+    let scores = qg.matmul(&k.transpose(2, 3)?.contiguous()?)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+    let mut scores = scores.to_dtype(DType::F32)?.reshape((b, nh, t, tk))?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
+    let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v.contiguous()?)?;
+    Ok(out.reshape((b, nh, t, d))?)
+}
+
+/// Σ over rows of `logsumexp(logits) − logits[label]`; `logits: [n, vocab]` f32, `labels: [n]` u32.
+pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&labels.unsqueeze(1)?, 1)?;
+    Ok((lse - picked)?.sum_all()?)
+}
