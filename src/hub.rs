@@ -18,7 +18,8 @@ pub struct HubOptions {
 
 impl HubOptions {
     pub fn from_env() -> Self {
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"));
         HubOptions { cache_dir: Cache::from_env().path().clone(), offline, revision: "main".into() }
     }
 }
@@ -56,8 +57,8 @@ impl HubRepo {
                 "{id}: {filename} is not in the hub cache {cache} and HF_HUB_OFFLINE is set"
             )));
         }
-        let mut builder =
-            hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(self.opts.cache_dir.clone())).with_progress(false);
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(self.opts.cache_dir.clone()))
+            .with_progress(false);
         if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
             builder = builder.with_endpoint(endpoint);
         }
@@ -65,7 +66,9 @@ impl HubRepo {
             .build()
             .map_err(|e| CandorError::msg(format!("{id}: cannot start the hub client: {e}")))?;
         api.repo(self.repo.clone()).get(filename).map_err(|e| {
-            CandorError::msg(format!("{id}: cannot download {filename} ({e}) and the hub cache {cache} has no copy"))
+            CandorError::msg(format!(
+                "{id}: cannot download {filename} ({e}) and the hub cache {cache} has no copy"
+            ))
         })
     }
 
@@ -80,6 +83,8 @@ pub fn looks_like_repo_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }

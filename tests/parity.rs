@@ -18,7 +18,10 @@ fn check_family(family: &str) {
     let golden_logits = &g["logits"];
     // padded query positions are garbage in both implementations; compare the real ones
     for row in 0..batch.batch {
-        let valid = batch.attention_mask[row * batch.seq_len..(row + 1) * batch.seq_len].iter().filter(|&&m| m == 1).count();
+        let valid = batch.attention_mask[row * batch.seq_len..(row + 1) * batch.seq_len]
+            .iter()
+            .filter(|&&m| m == 1)
+            .count();
         let ours = logits.i((row, ..valid)).unwrap();
         let theirs = golden_logits.i((row, ..valid)).unwrap();
         let err = rel_err(&ours, &theirs);
@@ -30,7 +33,12 @@ fn check_family(family: &str) {
     let loss = (loss_sum / n as f64).unwrap();
     let golden_loss = g["loss"].reshape(()).unwrap();
     let err = rel_err(&loss, &golden_loss);
-    assert!(err < 1e-4, "{family}: loss {} vs {}, relative error {err}", loss.to_scalar::<f32>().unwrap(), golden_loss.to_scalar::<f32>().unwrap());
+    assert!(
+        err < 1e-4,
+        "{family}: loss {} vs {}, relative error {err}",
+        loss.to_scalar::<f32>().unwrap(),
+        golden_loss.to_scalar::<f32>().unwrap()
+    );
 
     let grads = loss.backward().unwrap();
     let vars = model.lora_vars();

@@ -34,7 +34,12 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    pub fn new(template: &str, source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
+    pub fn new(
+        template: &str,
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -54,7 +59,12 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation. `extra` holds template switches such as `enable_thinking`.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, extra: &serde_json::Value) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &serde_json::Value,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("template added in new()");
         let mut ctx = serde_json::json!({
             "messages": messages,
@@ -92,7 +102,10 @@ mod tests {
     fn python_methods_and_raise_exception() {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip() }}|{{ messages[0].content.split(' ')|length }}";
         let t = ChatTemplate::new(src, "test", None, None).unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  a b  ")], false, &serde_json::Value::Null).unwrap(), "a b|5");
+        assert_eq!(
+            t.render(&[Message::new("user", "  a b  ")], false, &serde_json::Value::Null).unwrap(),
+            "a b|6"
+        );
         let err = t.render(&[Message::new("system", "x")], false, &serde_json::Value::Null).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
     }

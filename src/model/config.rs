@@ -37,9 +37,16 @@ impl Family {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1+ frequency-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,13 +207,17 @@ impl ModelConfig {
     /// applied exactly as transformers' `ROPE_INIT_FUNCTIONS` do.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
-        let base: Vec<f64> = (0..half)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64))
-            .collect();
+        let base: Vec<f64> =
+            (0..half).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64)).collect();
         match self.rope_scaling {
             RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
             RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor) as f32).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let low_freq_wavelen = original_max_position_embeddings / low_freq_factor;
                 let high_freq_wavelen = original_max_position_embeddings / high_freq_factor;
                 base.iter()
@@ -216,7 +227,7 @@ impl ModelConfig {
                         let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
                             / (high_freq_factor - low_freq_factor);
                         let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                        let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                        let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                         (if is_medium { smoothed } else { scaled }) as f32
                     })
                     .collect()
@@ -252,7 +263,9 @@ impl ModelConfig {
 fn parse_rope_scaling(s: &Value) -> std::result::Result<RopeScaling, String> {
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |name: &str| -> std::result::Result<f64, String> {
-        s.get(name).and_then(Value::as_f64).ok_or_else(|| format!("rope scaling \"{kind}\" needs field \"{name}\""))
+        s.get(name)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("rope scaling \"{kind}\" needs field \"{name}\""))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -263,7 +276,9 @@ fn parse_rope_scaling(s: &Value) -> std::result::Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(format!("unsupported rope scaling type \"{other}\" (supported: default, linear, llama3)")),
+        other => {
+            Err(format!("unsupported rope scaling type \"{other}\" (supported: default, linear, llama3)"))
+        }
     }
 }
 

@@ -39,7 +39,8 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             continue; // folded into the config's RoPE scaling
         }
         let hf_name = hf_tensor_name(name).ok_or_else(|| err(format!("unknown tensor {name}")))?;
-        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| err(format!("tensor {name}: {e}")))?;
+        let q =
+            content.tensor(&mut file, name, &Device::Cpu).map_err(|e| err(format!("tensor {name}: {e}")))?;
         let mut t = q.dequantize(&Device::Cpu).map_err(|e| err(format!("tensor {name}: {e}")))?;
         if arch == "llama" {
             if hf_name.ends_with("q_proj.weight") {
@@ -52,7 +53,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let model = Transformer::new(config, WeightMap::new(tensors, path.display().to_string()), &opts.device)?;
     let tokenizer = if opts.tokenizer { Some(gguf_tokenizer(&content, path, &model.config)?) } else { None };
-    Ok(LoadedModel { model, tokenizer, source: ModelSource::Gguf(path.to_path_buf()), weights_path: path.to_path_buf() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source: ModelSource::Gguf(path.to_path_buf()),
+        weights_path: path.to_path_buf(),
+    })
 }
 
 fn meta<'a>(c: &'a Content, key: &str) -> Option<&'a gguf_file::Value> {
@@ -123,7 +129,10 @@ fn config_from_metadata(c: &Content) -> std::result::Result<ModelConfig, String>
     }
     if c.tensor_infos.contains_key("rope_freqs.weight") {
         // Llama 3.1+ GGUFs store the llama3 RoPE scaling as per-frequency factors.
-        return Err("rope_freqs (Llama 3.1+ RoPE scaling in GGUF) is not supported yet; use the Hugging Face model".into());
+        return Err(
+            "rope_freqs (Llama 3.1+ RoPE scaling in GGUF) is not supported yet; use the Hugging Face model"
+                .into(),
+        );
     }
     ModelConfig::from_json(&v)
 }
@@ -193,9 +202,7 @@ fn gguf_tokenizer(c: &Content, path: &Path, config: &ModelConfig) -> Result<Chat
             )))
         }
     }
-    let token = |key: &str| {
-        meta_u64(c, key).and_then(|id| tokenizer.id_to_token(id as u32))
-    };
+    let token = |key: &str| meta_u64(c, key).and_then(|id| tokenizer.id_to_token(id as u32));
     let bos = token("tokenizer.ggml.bos_token_id");
     let eos = token("tokenizer.ggml.eos_token_id");
     let template = match meta_str(c, "tokenizer.chat_template") {
@@ -223,9 +230,15 @@ mod tests {
 
     #[test]
     fn tensor_names_map_to_hf() {
-        assert_eq!(hf_tensor_name("blk.12.attn_q.weight").unwrap(), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(
+            hf_tensor_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
         assert_eq!(hf_tensor_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(hf_tensor_name("blk.3.ffn_norm.weight").unwrap(), "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(
+            hf_tensor_name("blk.3.ffn_norm.weight").unwrap(),
+            "model.layers.3.post_attention_layernorm.weight"
+        );
         assert_eq!(hf_tensor_name("output.weight").unwrap(), "lm_head.weight");
         assert!(hf_tensor_name("blk.0.attn_qkv.weight").is_none());
     }
@@ -235,9 +248,17 @@ mod tests {
         // llama.cpp: w.reshape(heads, 2, d/2, cols).swapaxes(1, 2).reshape(rows, cols)
         let (heads, d, cols) = (3usize, 4usize, 2usize);
         let rows = heads * d;
-        let w = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu).unwrap().reshape((rows, cols)).unwrap();
-        let permuted =
-            w.reshape((heads, 2, d / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap();
+        let w =
+            Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu).unwrap().reshape((rows, cols)).unwrap();
+        let permuted = w
+            .reshape((heads, 2, d / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap();
         let back = unpermute_rows(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }

@@ -29,7 +29,11 @@ pub struct TokenBatch {
 impl TokenBatch {
     /// A batch from Hugging Face-style rows: `labels` unshifted (label t is token t), as PEFT and
     /// transformers take them; positions count from 0 per row.
-    pub fn from_hf(input_ids: Vec<Vec<u32>>, attention_mask: Vec<Vec<u8>>, labels: Vec<Vec<i64>>) -> Result<Self> {
+    pub fn from_hf(
+        input_ids: Vec<Vec<u32>>,
+        attention_mask: Vec<Vec<u8>>,
+        labels: Vec<Vec<i64>>,
+    ) -> Result<Self> {
         let batch = input_ids.len();
         let seq_len = input_ids.first().map_or(0, Vec::len);
         if input_ids.iter().any(|r| r.len() != seq_len)

@@ -50,7 +50,10 @@ impl ModelSource {
         if looks_like_repo_id(spec) {
             return Ok(ModelSource::Hub(spec.to_string()));
         }
-        Err(CandorError::file(path, "no such file or directory (nor a hub id like Qwen/Qwen2.5-0.5B-Instruct)"))
+        Err(CandorError::file(
+            path,
+            "no such file or directory (nor a hub id like Qwen/Qwen2.5-0.5B-Instruct)",
+        ))
     }
 }
 
@@ -94,7 +97,9 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn tokenizer(&self) -> Result<&ChatTokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| CandorError::msg(format!("{}: no tokenizer loaded", self.source)))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            CandorError::msg(format!("{}: no tokenizer (the directory has no tokenizer.json)", self.source))
+        })
     }
 }
 
@@ -114,7 +119,9 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 pub fn fetch_hub_model(id: &str, hub: &HubOptions) -> Result<PathBuf> {
     let repo = HubRepo::model(id, hub.clone());
     let config = repo.get("config.json")?;
-    for optional in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+    for optional in
+        ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
+    {
         repo.get_optional(optional);
     }
     match repo.get_optional("model.safetensors.index.json") {
@@ -157,16 +164,16 @@ fn load_dir(dir: &Path, source: ModelSource, opts: &LoadOptions) -> Result<Loade
     } else {
         return Err(CandorError::file(dir, "no model.safetensors or model.safetensors.index.json"));
     };
-    let dtype = opts.resolved_dtype();
     let mut tensors = HashMap::new();
     for file in &files {
-        let loaded = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| CandorError::file(file, e))?;
+        let loaded =
+            candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| CandorError::file(file, e))?;
         for (name, t) in loaded {
-            tensors.insert(name, t.to_dtype(dtype)?.to_device(&opts.device)?);
+            tensors.insert(name, place(t, opts)?);
         }
     }
     let model = Transformer::new(config, WeightMap::new(tensors, dir.display().to_string()), &opts.device)?;
-    let tokenizer = if opts.tokenizer { Some(load_dir_tokenizer(dir, &model.config, &source)?) } else { None };
+    let tokenizer = if opts.tokenizer { load_dir_tokenizer(dir, &model.config, &source)? } else { None };
     Ok(LoadedModel { model, tokenizer, source, weights_path: dir.to_path_buf() })
 }
 
@@ -179,12 +186,18 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
-fn load_dir_tokenizer(dir: &Path, config: &ModelConfig, source: &ModelSource) -> Result<ChatTokenizer> {
+/// `None` when the directory has no `tokenizer.json` (commands that need one say so).
+fn load_dir_tokenizer(
+    dir: &Path,
+    config: &ModelConfig,
+    source: &ModelSource,
+) -> Result<Option<ChatTokenizer>> {
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
-        return Err(CandorError::file(&tok_path, "missing (the model needs a tokenizer.json)"));
+        return Ok(None);
     }
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| CandorError::file(&tok_path, e))?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| CandorError::file(&tok_path, e))?;
     let tc_path = dir.join("tokenizer_config.json");
     let tc = if tc_path.is_file() { read_json(&tc_path)? } else { Value::Null };
     let bos = token_string(tc.get("bos_token"));
@@ -225,13 +238,13 @@ fn load_dir_tokenizer(dir: &Path, config: &ModelConfig, source: &ModelSource) ->
         }
     }
     let stop = stop_ids(&tokenizer, &eos_ids, eos.as_deref());
-    Ok(ChatTokenizer {
+    Ok(Some(ChatTokenizer {
         tokenizer,
         template,
         tokenizer_source: tok_path.display().to_string(),
         stop_ids: stop,
         model_source: source.to_string(),
-    })
+    }))
 }
 
 /// Converts a loaded tensor to the compute dtype and device.

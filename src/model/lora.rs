@@ -15,7 +15,8 @@ use crate::error::{CandorError, Result};
 use crate::ops::frozen_linear;
 
 /// The seven projection names a decoder layer has.
-pub const ALL_LINEAR: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const ALL_LINEAR: &[&str] =
+    &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -29,7 +30,13 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, use_rslora: false, target_modules: vec!["all-linear".into()] }
+        LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: vec!["all-linear".into()],
+        }
     }
 }
 
@@ -94,7 +101,9 @@ impl LoraConfig {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
             Some(Value::String(s)) if s == "all-linear" => vec![s.clone()],
             Some(Value::String(s)) => {
-                return Err(bad(format!("target_modules as a regex (\"{s}\") is not supported; list module names")))
+                return Err(bad(format!(
+                    "target_modules as a regex (\"{s}\") is not supported; list module names"
+                )))
             }
             _ => return Err(bad("missing field \"target_modules\"".into())),
         };
@@ -111,7 +120,8 @@ impl LoraConfig {
 
     /// PEFT's `adapter_config.json` for this configuration.
     pub fn to_peft_json(&self, base_model: Option<&str>) -> Value {
-        let targets: Vec<String> = self.resolved_targets().map(|t| t.into_iter().collect()).unwrap_or_default();
+        let targets: Vec<String> =
+            self.resolved_targets().map(|t| t.into_iter().collect()).unwrap_or_default();
         json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -212,8 +222,9 @@ impl LoraLinear {
 /// Inverted dropout with a mask drawn from our own seeded RNG, so runs are reproducible and resumable.
 fn apply_dropout(x: &Tensor, p: f64, rng: &mut DropoutRng) -> Result<Tensor> {
     let keep = 1.0 - p;
-    let mask: Vec<f32> =
-        (0..x.elem_count()).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+        .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
     Ok((x * mask)?)
 }
@@ -234,8 +245,14 @@ pub fn save_peft_adapter<'a>(
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for l in layers {
         if let Some(ad) = &l.lora {
-            tensors.insert(peft_tensor_name(&l.name, 'A'), ad.a.as_tensor().to_device(&candle_core::Device::Cpu)?);
-            tensors.insert(peft_tensor_name(&l.name, 'B'), ad.b.as_tensor().to_device(&candle_core::Device::Cpu)?);
+            tensors.insert(
+                peft_tensor_name(&l.name, 'A'),
+                ad.a.as_tensor().to_device(&candle_core::Device::Cpu)?,
+            );
+            tensors.insert(
+                peft_tensor_name(&l.name, 'B'),
+                ad.b.as_tensor().to_device(&candle_core::Device::Cpu)?,
+            );
         }
     }
     let path = dir.join("adapter_model.safetensors");
@@ -255,7 +272,9 @@ pub fn load_peft_weights<'a>(path: &Path, layers: impl Iterator<Item = &'a LoraL
         let Some(ad) = &l.lora else { continue };
         for (which, var) in [('A', &ad.a), ('B', &ad.b)] {
             let name = peft_tensor_name(&l.name, which);
-            let t = tensors.remove(&name).ok_or_else(|| CandorError::file(path, format!("missing tensor {name}")))?;
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| CandorError::file(path, format!("missing tensor {name}")))?;
             if t.dims() != var.dims() {
                 return Err(CandorError::file(
                     path,
@@ -266,7 +285,10 @@ pub fn load_peft_weights<'a>(path: &Path, layers: impl Iterator<Item = &'a LoraL
         }
     }
     if let Some(extra) = tensors.keys().next() {
-        return Err(CandorError::file(path, format!("tensor {extra} does not match any LoRA layer of this model")));
+        return Err(CandorError::file(
+            path,
+            format!("tensor {extra} does not match any LoRA layer of this model"),
+        ));
     }
     Ok(())
 }

@@ -116,11 +116,12 @@ impl Transformer {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let linear = |w: &mut WeightMap, name: String, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
-            let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
-            let b = w.take_opt(&format!("{name}.bias"), &[out], bias)?;
-            Ok(LoraLinear::frozen(name, weight, b))
-        };
+        let linear =
+            |w: &mut WeightMap, name: String, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+                let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+                let b = w.take_opt(&format!("{name}.bias"), &[out], bias)?;
+                Ok(LoraLinear::frozen(name, weight, b))
+            };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -196,7 +197,15 @@ impl Transformer {
         self.layers.iter_mut().flat_map(|l| {
             let a = &mut l.self_attn;
             let m = &mut l.mlp;
-            [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+            [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ]
         })
     }
 
@@ -234,7 +243,12 @@ impl Transformer {
 
     /// Hidden states after the last layer, before the final norm: `[batch, seq_len, hidden]`.
     /// `train` turns LoRA dropout on. With a cache, the batch continues the cached sequences.
-    pub fn hidden_states(&self, batch: &TokenBatch, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        batch: &TokenBatch,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
         let device = self.device();
         let past_len = cache.as_ref().map_or(0, |c| c.len());
         let ids = batch.ids_tensor(device)?;
@@ -341,7 +355,11 @@ impl Transformer {
         let hidden_size = self.config.hidden_size;
         let flat = hidden.reshape(((), hidden_size))?;
         if targets.len() != flat.dim(0)? {
-            return Err(CandorError::msg(format!("{} targets for {} positions", targets.len(), flat.dim(0)?)));
+            return Err(CandorError::msg(format!(
+                "{} targets for {} positions",
+                targets.len(),
+                flat.dim(0)?
+            )));
         }
         let (rows, labels): (Vec<u32>, Vec<u32>) = targets
             .iter()

@@ -19,7 +19,9 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let (out_features, in_features) = weight.dims2()?;
     let x_in = x.dim(candle_core::D::Minus1)?;
     if x_in != in_features {
-        candle_core::bail!("frozen_linear: input has {x_in} features, weight [{out_features}, {in_features}]");
+        candle_core::bail!(
+            "frozen_linear: input has {x_in} features, weight [{out_features}, {in_features}]"
+        );
     }
     if let Some(b) = bias {
         if b.dims() != [out_features] {
@@ -27,7 +29,10 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         }
     }
     let x = x.contiguous()?;
-    x.apply_op1(FrozenLinear { weight: weight.contiguous()?, bias: bias.map(|b| b.contiguous()).transpose()? })
+    x.apply_op1(FrozenLinear {
+        weight: weight.contiguous()?,
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+    })
 }
 
 fn out_shape(x_layout: &Layout, out_features: usize) -> Shape {
@@ -63,7 +68,9 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w else { candle_core::bail!("frozen_linear: weight not on cpu") };
+        let candle_core::Storage::Cpu(w) = &*w else {
+            candle_core::bail!("frozen_linear: weight not on cpu")
+        };
         match &self.bias {
             None => forward_storage(x, x_layout, w, w_layout, None),
             Some(b) => {
@@ -83,7 +90,9 @@ impl CustomOp1 for FrozenLinear {
         x_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cuda(w) = &*w else { candle_core::bail!("frozen_linear: weight not on cuda") };
+        let candle_core::Storage::Cuda(w) = &*w else {
+            candle_core::bail!("frozen_linear: weight not on cuda")
+        };
         match &self.bias {
             None => forward_storage(x, x_layout, w, w_layout, None),
             Some(b) => {

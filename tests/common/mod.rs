@@ -25,7 +25,8 @@ pub fn tiny_with_adapter(family: &str) -> LoadedModel {
 }
 
 pub fn golden(family: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("tiny-{family}/golden.safetensors")), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join(format!("tiny-{family}/golden.safetensors")), &Device::Cpu)
+        .unwrap()
 }
 
 fn rows<T: Copy>(t: &Tensor, f: impl Fn(i64) -> T) -> Vec<Vec<T>> {
@@ -40,13 +41,52 @@ pub fn golden_batch(g: &HashMap<String, Tensor>) -> TokenBatch {
         rows(&g["labels"], |x| x),
     )
     .unwrap();
-    b.position_ids = g["position_ids"].flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+    b.position_ids = g["position_ids"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
     b
 }
 
 /// max |a − b| / max |b|: the error relative to the tensor's scale.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff =
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     diff / scale.max(1e-12)
+}
+
+/// Runs the candor binary; returns (exit code, stdout, stderr).
+pub fn candor(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candor"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A scratch directory under the target dir, emptied first.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candor-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Copies a tiny fixture model's top-level files into `dst`.
+pub fn copy_tiny(family: &str, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(fixtures().join(format!("tiny-{family}/{f}")), dst.join(f)).unwrap();
+    }
 }

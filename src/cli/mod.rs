@@ -1,0 +1,86 @@
+//! One function per subcommand.
+
+mod bench;
+mod generate;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+pub use bench::BenchArgs;
+pub use generate::GenerateArgs;
+pub use info::InfoArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "candor",
+    version,
+    about = "LoRA fine-tuning of Llama/Qwen chat models on FalseReject: fewer false refusals, same safety"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a model's architecture, size, dtype, tokenizer and chat-template source.
+    Info(InfoArgs),
+    /// Chat with a model: render the prompt with its chat template and stream the answer.
+    Generate(GenerateArgs),
+    /// Measure performance (training step throughput and memory).
+    Bench(BenchArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Options shared by commands that load a model.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// A local Hugging Face directory, a .gguf file, or a hub id (Qwen/Qwen2.5-0.5B-Instruct).
+    pub model: String,
+    /// cpu or cuda (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype of the frozen base: f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> anyhow::Result<crate::model::LoadOptions> {
+        let mut opts = crate::model::LoadOptions::cpu();
+        opts.device = parse_device(&self.device)?;
+        opts.dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        Ok(opts)
+    }
+}
+
+pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
+    match s {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" | "gpu" => {
+            if !cfg!(feature = "cuda") {
+                anyhow::bail!("--device cuda: this candor was built without CUDA; rebuild with `cargo build --release --features cuda`");
+            }
+            candle_core::Device::new_cuda(0).map_err(|e| {
+                anyhow::anyhow!("--device cuda: no usable GPU ({e}); check the NVIDIA driver and that libcuda.so.1 and the CUDA 13 libraries are on LD_LIBRARY_PATH")
+            })
+        }
+        other => anyhow::bail!("--device: unknown device \"{other}\" (cpu or cuda)"),
+    }
+}
+
+pub fn parse_dtype(s: &str) -> anyhow::Result<candle_core::DType> {
+    match s {
+        "f32" | "float32" => Ok(candle_core::DType::F32),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        "f16" | "float16" => Ok(candle_core::DType::F16),
+        other => anyhow::bail!("--dtype: unknown dtype \"{other}\" (f32, bf16 or f16)"),
+    }
+}
