@@ -58,13 +58,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let hidden = model.hidden_states(&batch, None, true)?;
         let (loss_sum, n) = model.loss_sum(&hidden, &batch.targets)?;
         let loss = (loss_sum / n as f64)?;
+        let forward_s = start.elapsed().as_secs_f64();
         let grads = loss.backward()?;
         drop(grads);
         let s = start.elapsed().as_secs_f64();
         println!(
-            "  step {step}{}: {:.3} s, {:.1} tokens/s, loss {:.4}",
+            "  step {step}{}: {:.3} s (forward {:.3} s, backward {:.3} s), {:.1} tokens/s, loss {:.4}",
             if step == 0 { " (warm-up)" } else { "" },
             s,
+            forward_s,
+            s - forward_s,
             tokens as f64 / s,
             loss.to_scalar::<f32>()?
         );

@@ -204,7 +204,8 @@ impl LoraLinear {
         if let (Some(rng), true) = (dropout_rng, lora.dropout > 0.0) {
             h = apply_dropout(&h, lora.dropout, rng)?;
         }
-        let delta = h.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?.affine(lora.scale, 0.0)?;
+        // scale the rank-r intermediate, not the full-width output
+        let delta = h.matmul(&lora.a.t()?)?.affine(lora.scale, 0.0)?.matmul(&lora.b.t()?)?;
         let delta = delta.to_dtype(y.dtype())?.reshape(y.shape())?;
         Ok((y + delta)?)
     }

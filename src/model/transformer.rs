@@ -14,7 +14,7 @@ use super::config::ModelConfig;
 use super::input::{TokenBatch, IGNORE_INDEX};
 use super::lora::{init_rng, DropoutRng, LoraConfig, LoraLinear};
 use crate::error::{CandorError, Result};
-use crate::ops::frozen_linear;
+use crate::ops::{frozen_linear, linear_cross_entropy_sum};
 
 #[derive(Debug)]
 pub struct Attention {
@@ -377,9 +377,8 @@ impl Transformer {
         let device = self.device();
         let rows = Tensor::new(rows, device)?;
         let labels = Tensor::new(labels, device)?;
-        let selected = flat.index_select(&rows, 0)?;
-        let logits = self.logits(&selected)?; // [n, vocab] f32
-        Ok((cross_entropy_sum(&logits, &labels)?, n))
+        let selected = rms_norm(&flat.index_select(&rows, 0)?, &self.norm, self.config.rms_norm_eps)?;
+        Ok((linear_cross_entropy_sum(&selected, self.lm_head_weight(), &labels)?, n))
     }
 }
 
@@ -410,8 +409,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, nkv:
     let (b, nh, t, d) = q.dims4()?;
     let tk = k.dim(2)?;
     let rep = nh / nkv;
-    let qg = q.contiguous()?.reshape((b, nkv, rep * t, d))?;
-    let scores = qg.matmul(&k.transpose(2, 3)?.contiguous()?)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
+    // scale q (t·d values) rather than the scores (t·tk values)
+    let qg = q.affine(1.0 / (d as f64).sqrt(), 0.0)?.reshape((b, nkv, rep * t, d))?;
+    let scores = qg.matmul(&k.transpose(2, 3)?.contiguous()?)?;
     let mut scores = scores.to_dtype(DType::F32)?.reshape((b, nh, t, tk))?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
@@ -419,13 +419,4 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, nkv:
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
     let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v.contiguous()?)?;
     Ok(out.reshape((b, nh, t, d))?)
-}
-
-/// Σ over rows of `logsumexp(logits) − logits[label]`; `logits: [n, vocab]` f32, `labels: [n]` u32.
-pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&labels.unsqueeze(1)?, 1)?;
-    Ok((lse - picked)?.sum_all()?)
 }
