@@ -1,3 +1,5 @@
-//! Data: chat templates (and, next, FalseReject rows and batches).
+//! Data: FalseReject rows → conversations → chat-templated, loss-masked token batches.
 
+pub mod batch;
+pub mod falsereject;
 pub mod template;

@@ -82,6 +82,39 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// Renders a whole conversation and finds the text the model should learn: for each assistant
+    /// message, everything the template writes for it after the generation prompt, up to and including
+    /// its end-of-turn token(s), without trailing whitespace. Found by rendering prefixes, so it works
+    /// with any template (no `{% generation %}` markers needed).
+    pub fn render_with_assistant_spans(
+        &self,
+        messages: &[Message],
+        extra: &serde_json::Value,
+    ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
+        let full = self.render(messages, false, extra)?;
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let before = self.render(&messages[..i], true, extra)?;
+            let upto = self.render(&messages[..=i], false, extra)?;
+            if !upto.starts_with(&before) || !full.starts_with(&upto) {
+                return Err(CandorError::msg(format!(
+                    "{}: the chat template renders assistant message {i} differently inside the whole conversation, so its tokens cannot be located",
+                    self.source
+                )));
+            }
+            let end = upto.trim_end().len().max(before.len());
+            if end > before.len() {
+                spans.push(before.len()..end);
+            }
+        }
+        Ok((full, spans))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +129,20 @@ mod tests {
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn assistant_spans_cover_content_and_end_of_turn() {
+        let t = ChatTemplate::new(CHATML, "test", None, Some("<|im_end|>")).unwrap();
+        let msgs = [
+            Message::new("user", "Hi"),
+            Message::new("assistant", "Hello!"),
+            Message::new("user", "Bye"),
+            Message::new("assistant", "Ciao"),
+        ];
+        let (full, spans) = t.render_with_assistant_spans(&msgs, &serde_json::Value::Null).unwrap();
+        let texts: Vec<&str> = spans.iter().map(|r| &full[r.clone()]).collect();
+        assert_eq!(texts, ["Hello!<|im_end|>", "Ciao<|im_end|>"]);
     }
 
     #[test]
