@@ -231,3 +231,42 @@ fn reading_files_reports_file_and_line() {
             .to_string();
     assert!(err.contains("falsereject_test.json[0]") && err.contains("instruct_response"), "{err}");
 }
+
+fn smollm2_path() -> String {
+    format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn data_inspect_and_stats_commands() {
+    let dir = scratch("data-cli");
+    let p = dir.join("train.jsonl");
+    std::fs::write(
+        &p,
+        "{\"prompt\": \"How do I kill a stuck job?\", \"category_text\": \"Others\", \"instruct_response\": \"Run `kill 42`.\"}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = candor(&["data", "inspect", p.to_str().unwrap(), "--model", &smollm2_path()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("<|im_start|>assistant\n[[Run `kill 42`.<|im_end|>]]"), "{out}");
+    let (code, out, err) = candor(&["data", "stats", p.to_str().unwrap(), "--model", &smollm2_path()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 in, 2 kept") && out.contains("carry loss") && out.contains("Others"), "{out}");
+
+    // bad rows: one line naming file, line and field; or a count with --on-bad-row skip
+    std::fs::write(
+        &p,
+        "{\"prompt\": \"a\", \"instruct_response\": \"b\"}\n{\"prompt\": 17, \"instruct_response\": \"b\"}\n",
+    )
+    .unwrap();
+    let (code, _, err) = candor(&["data", "stats", p.to_str().unwrap(), "--model", &smollm2_path()], &[]);
+    assert_ne!(code, 0);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("train.jsonl:2: field \"prompt\" must be a string"), "{err}");
+    let (code, out, err) = candor(
+        &["data", "stats", p.to_str().unwrap(), "--model", &smollm2_path(), "--on-bad-row", "skip"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bad rows skipped: 1") && out.contains("train.jsonl:2"), "{out}");
+}

@@ -10,7 +10,7 @@ use super::ModelArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to measure: train-step.
+    /// What to measure: train-step (LoRA forward + backward) or data (template + tokenize + mask).
     pub what: String,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -23,11 +23,59 @@ pub struct BenchArgs {
     /// Measured steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// bench data: the data file whose rows are replicated.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// bench data: how many rows to prepare.
+    #[arg(long, default_value_t = 15_000)]
+    pub rows: usize,
+}
+
+fn bench_data(args: &BenchArgs) -> anyhow::Result<()> {
+    use crate::data::batch::{tokenize_examples, TokenizeOptions, Truncation};
+    use crate::data::falsereject::{read_rows, rows_to_examples, ConversationOptions, OnBadRow, SkipReport};
+    let path = args.data.as_deref().ok_or_else(|| anyhow::anyhow!("bench data needs --data FILE"))?;
+    let tok = crate::model::load_tokenizer(&args.model.model, &crate::hub::HubOptions::from_env())?;
+    let start = std::time::Instant::now();
+    let base = rows_to_examples(
+        read_rows(std::path::Path::new(path))?,
+        &ConversationOptions::default(),
+        OnBadRow::Error,
+        &mut SkipReport::default(),
+    )?;
+    let examples: Vec<_> = base.iter().cycle().take(args.rows).cloned().collect();
+    let read_s = start.elapsed().as_secs_f64();
+    let opts = TokenizeOptions {
+        max_seq_len: 1 << 20,
+        truncation: Truncation::Drop,
+        on_bad_row: OnBadRow::Error,
+        template_vars: serde_json::Value::Null,
+    };
+    let mut times = Vec::new();
+    let mut tokens = 0;
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let (out, _) = tokenize_examples(&examples, &tok, &opts)?;
+        times.push(start.elapsed().as_secs_f64());
+        tokens = out.iter().map(|e| e.len()).sum::<usize>();
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[1];
+    println!(
+        "data: {} rows ({} distinct from {path}), {tokens} tokens: template + tokenize + mask median {median:.2} s over 3 runs = {:.0} rows/s ({} threads; reading {read_s:.2} s)",
+        args.rows,
+        base.len(),
+        args.rows as f64 / median,
+        rayon::current_num_threads()
+    );
+    Ok(())
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.what != "train-step" {
-        anyhow::bail!("bench: unknown benchmark \"{}\" (available: train-step)", args.what);
+    match args.what.as_str() {
+        "train-step" => {}
+        "data" => return bench_data(&args),
+        other => anyhow::bail!("bench: unknown benchmark \"{other}\" (available: train-step, data)"),
     }
     let mut opts = args.model.load_options()?;
     opts.tokenizer = false;

@@ -1,6 +1,7 @@
 //! One function per subcommand.
 
 mod bench;
+pub mod data;
 mod generate;
 mod info;
 
@@ -27,6 +28,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Chat with a model: render the prompt with its chat template and stream the answer.
     Generate(GenerateArgs),
+    /// Look at training data as the model will see it.
+    Data(data::DataArgs),
     /// Measure performance (training step throughput and memory).
     Bench(BenchArgs),
 }
@@ -36,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(a) => data::run(a),
     }
 }
 

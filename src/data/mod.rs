@@ -1,5 +1,6 @@
 //! Data: FalseReject rows → conversations → chat-templated, loss-masked token batches.
 
 pub mod batch;
+pub mod dataset;
 pub mod falsereject;
 pub mod template;

@@ -61,6 +61,15 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     })
 }
 
+/// Only the tokenizer and chat template (reads the metadata, not the tensors).
+pub fn load_gguf_tokenizer(path: &Path) -> Result<ChatTokenizer> {
+    let err = |m: String| CandorError::file(path, m);
+    let mut file = std::fs::File::open(path).map_err(|e| CandorError::file(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| err(format!("not a readable GGUF file: {e}")))?;
+    let config = config_from_metadata(&content).map_err(err)?;
+    gguf_tokenizer(&content, path, &config)
+}
+
 fn meta<'a>(c: &'a Content, key: &str) -> Option<&'a gguf_file::Value> {
     c.metadata.get(key)
 }

@@ -115,6 +115,27 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     }
 }
 
+/// Only the tokenizer and chat template of a model (no weights are read).
+pub fn load_tokenizer(spec: &str, hub: &HubOptions) -> Result<ChatTokenizer> {
+    let source = ModelSource::resolve(spec)?;
+    let dir = match &source {
+        ModelSource::Gguf(path) => return gguf::load_gguf_tokenizer(path),
+        ModelSource::Dir(dir) => dir.clone(),
+        ModelSource::Hub(id) => {
+            let repo = HubRepo::model(id, hub.clone());
+            let config = repo.get("config.json")?;
+            repo.get("tokenizer.json")?;
+            for optional in ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"] {
+                repo.get_optional(optional);
+            }
+            config.parent().expect("a file in a snapshot").to_path_buf()
+        }
+    };
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    load_dir_tokenizer(&dir, &config, &source)?
+        .ok_or_else(|| CandorError::file(dir.join("tokenizer.json"), "missing (the model needs a tokenizer)"))
+}
+
 /// Makes sure every file a model needs is in the hub cache; returns the snapshot directory.
 pub fn fetch_hub_model(id: &str, hub: &HubOptions) -> Result<PathBuf> {
     let repo = HubRepo::model(id, hub.clone());

@@ -10,6 +10,6 @@ pub mod transformer;
 
 pub use config::{Family, ModelConfig};
 pub use input::{TokenBatch, IGNORE_INDEX};
-pub use load::{load_model, LoadOptions, LoadedModel, ModelSource};
+pub use load::{load_model, load_tokenizer, LoadOptions, LoadedModel, ModelSource};
 pub use lora::{LoraConfig, LoraLinear};
 pub use transformer::{KvCache, Transformer};
