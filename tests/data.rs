@@ -270,3 +270,30 @@ fn data_inspect_and_stats_commands() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("bad rows skipped: 1") && out.contains("train.jsonl:2"), "{out}");
 }
+
+#[test]
+fn hf_dataset_sources_resolve_through_the_hub_cache() {
+    use candor::data::falsereject::resolve_source;
+    use candor::hub::HubOptions;
+    let cache = scratch("hf-datasets").join("hub");
+    let repo = cache.join("datasets--AmazonScience--FalseReject");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let train = repo.join("snapshots").join(commit).join("train.jsonl");
+    std::fs::write(&train, "{\"prompt\": \"p\", \"instruct_response\": \"r\"}\n").unwrap();
+    let hub = HubOptions { cache_dir: cache.clone(), offline: true, revision: "main".into() };
+    let files = resolve_source("hf://datasets/AmazonScience/FalseReject/train.jsonl", &hub).unwrap();
+    assert_eq!(files, vec![train]);
+    let err =
+        resolve_source("hf://datasets/AmazonScience/FalseReject/test.jsonl", &hub).unwrap_err().to_string();
+    assert!(
+        err.contains("datasets/AmazonScience/FalseReject")
+            && err.contains("test.jsonl")
+            && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    let err = resolve_source("hf://datasets/AmazonScience", &hub).unwrap_err().to_string();
+    assert!(err.contains("expected hf://datasets/ORG/NAME/FILE"), "{err}");
+}
