@@ -8,6 +8,7 @@ pub mod eval;
 pub mod hub;
 pub mod model;
 pub mod ops;
+pub mod recipe;
 pub mod train;
 
 pub use error::{CandorError, Result};
