@@ -4,6 +4,7 @@ mod bench;
 pub mod data;
 mod generate;
 mod info;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune with LoRA as a recipe describes.
+    Train(train::TrainArgs),
     /// Show a model's architecture, size, dtype, tokenizer and chat-template source.
     Info(InfoArgs),
     /// Chat with a model: render the prompt with its chat template and stream the answer.
@@ -36,6 +39,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(a) => train::run(a),
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),

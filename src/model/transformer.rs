@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
 
 use super::config::ModelConfig;
 use super::input::{TokenBatch, IGNORE_INDEX};
@@ -223,6 +224,18 @@ impl Transformer {
         *self.dropout_rng.lock().unwrap() = init_rng(seed ^ 0x9e37_79b9_7f4a_7c15);
         self.lora = Some(cfg.clone());
         Ok(())
+    }
+
+    /// The dropout RNG's position (seed, word position), saved with checkpoints for exact resume.
+    pub fn dropout_rng_state(&self) -> ([u8; 32], u128) {
+        let rng = self.dropout_rng.lock().unwrap();
+        (rng.get_seed(), rng.get_word_pos())
+    }
+
+    pub fn set_dropout_rng_state(&self, seed: [u8; 32], word_pos: u128) {
+        let mut rng = self.dropout_rng.lock().unwrap();
+        *rng = rand_chacha::ChaCha8Rng::from_seed(seed);
+        rng.set_word_pos(word_pos);
     }
 
     /// The trainable tensors, named as PEFT names them.

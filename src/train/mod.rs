@@ -1,4 +1,6 @@
-//! Training: the optimizer, the learning-rate schedule (and, next, the loop and checkpoints).
+//! Training: the loop, the optimizer, the learning-rate schedule, checkpoints.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

@@ -42,18 +42,27 @@ impl AdamW {
         Ok(AdamW { config, params, m, v, step: 0 })
     }
 
-    /// One update with learning rate `lr` (the schedule's value for this step). A parameter without a
-    /// gradient is an error: it would mean the graph does not reach it.
-    pub fn apply(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// One update with learning rate `lr` (the schedule's value for this step); `grads[i]` belongs to
+    /// the i-th parameter.
+    pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         let c = self.config;
+        if grads.len() != self.params.len() {
+            return Err(CandorError::msg(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )));
+        }
         self.step += 1;
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        for (i, (name, var)) in self.params.iter().enumerate() {
-            let g = grads
-                .get(var.as_tensor())
-                .ok_or_else(|| CandorError::msg(format!("no gradient reached {name}")))?;
+        for (i, (_, var)) in self.params.iter().enumerate() {
+            let g = &grads[i];
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
@@ -102,23 +111,25 @@ impl AdamW {
     }
 }
 
-/// √(Σ‖g‖²) over the given parameters' gradients.
-pub fn global_grad_norm(grads: &GradStore, params: &[(String, Var)]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for (_, v) in params {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
-    }
-    Ok(sum.sqrt())
+/// The gradient of each parameter from a backward pass, in parameter order. A parameter the graph
+/// does not reach is an error, never a silent zero.
+pub fn collect_grads(store: &GradStore, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    params
+        .iter()
+        .map(|(name, v)| {
+            store
+                .get(v.as_tensor())
+                .cloned()
+                .ok_or_else(|| CandorError::msg(format!("no gradient reached {name}")))
+        })
+        .collect()
 }
 
-/// Scales every gradient by `factor` in place in the store.
-pub fn scale_grads(grads: &mut GradStore, params: &[(String, Var)], factor: f64) -> Result<()> {
-    for (_, v) in params {
-        if let Some(g) = grads.remove(v.as_tensor()) {
-            grads.insert(v.as_tensor(), (g * factor)?);
-        }
+/// √(Σ‖g‖²) over all gradients.
+pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for g in grads {
+        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }
-    Ok(())
+    Ok(sum.sqrt())
 }

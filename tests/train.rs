@@ -1,0 +1,151 @@
+//! The trainer: gradient accumulation equals a bigger batch; resume is bit-exact on CPU; checkpoints
+//! are complete, verified and refused when they do not fit.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candor::data::batch::{BatchMode, Batcher, TokenizedExample};
+use candor::recipe::Recipe;
+use candor::train::trainer::{accumulate, train, TrainOptions};
+use common::*;
+use rand::{Rng, SeedableRng};
+
+#[test]
+fn accumulating_four_micro_batches_equals_one_batch_four_times_larger() {
+    let loaded = tiny_with_adapter("qwen2");
+    let m = &loaded.model;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let examples: Vec<TokenizedExample> = (0..4)
+        .map(|i| {
+            let len = 6 + 3 * i; // different lengths and different numbers of targets per row
+            TokenizedExample {
+                input_ids: (0..len).map(|_| rng.random_range(3..m.config.vocab_size as u32)).collect(),
+                trained: (0..len).map(|t| t > i + 1).collect(),
+                category: None,
+                origin: format!("ex{i}"),
+                truncated: false,
+            }
+        })
+        .collect();
+    let b = Batcher::new(examples, BatchMode::Padded, 4, 32, 0, 0).unwrap();
+    let big = b.batch(&[vec![0], vec![1], vec![2], vec![3]]);
+    let micro: Vec<_> = (0..4).map(|i| b.batch(&[vec![i]])).collect();
+    let (loss_big, grads_big, n_big) = accumulate(m, &[big]).unwrap();
+    let (loss_acc, grads_acc, n_acc) = accumulate(m, &micro).unwrap();
+    assert_eq!(n_big, n_acc);
+    assert!((loss_big - loss_acc).abs() < 1e-6 * loss_big.abs(), "{loss_big} vs {loss_acc}");
+    for (a, b) in grads_big.iter().zip(&grads_acc) {
+        let err = rel_err(b, a);
+        assert!(err < 1e-5, "gradient relative error {err}");
+    }
+}
+
+fn sample_data(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("train.jsonl");
+    let rows: Vec<String> = (0..10)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("How do I kill process number {i} that hangs?"),
+                "category": 46, "category_text": "Others",
+                "instruct_response": format!("Find it with `ps`, then send SIGTERM: `kill {i}`. If it ignores that, `kill -9 {i}`.")
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p
+}
+
+fn recipe(dir: &std::path::Path, data: &std::path::Path, name: &str) -> Recipe {
+    let text = format!(
+        r#"name = "{name}"
+output_dir = "{out}"
+seed = 3
+[model]
+path = "{model}"
+[data]
+sources = [{{ path = "{data}" }}]
+max_seq_len = 96
+packing = true
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+target_modules = ["q_proj", "v_proj", "down_proj"]
+[optim]
+lr = 1e-3
+[train]
+max_steps = 3
+micro_batch_size = 1
+grad_accum = 2
+[checkpoint]
+keep_last = 0
+"#,
+        out = dir.display(),
+        model = format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR")),
+        data = data.display()
+    );
+    Recipe::parse(&text, &[]).unwrap()
+}
+
+fn opts(resume: bool, stop_now: bool) -> TrainOptions {
+    TrainOptions { resume, quiet: true, stop: Arc::new(AtomicBool::new(stop_now)) }
+}
+
+fn losses(run: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bit_exact_and_checkpoints_are_guarded() {
+    let dir = scratch("train-resume");
+    let data = sample_data(&dir);
+
+    let straight = recipe(&dir, &data, "straight");
+    let s = train(&straight, &opts(false, false)).unwrap();
+    assert_eq!(s.steps, 3);
+
+    // Stop after one step (as Ctrl-C does), then resume to the end.
+    let split = recipe(&dir, &data, "split");
+    let first = train(&split, &opts(false, true)).unwrap();
+    assert!(first.interrupted && first.steps == 1);
+    let second = train(&split, &opts(true, false)).unwrap();
+    assert_eq!(second.steps, 3);
+
+    assert_eq!(losses(&straight.run_dir()), losses(&split.run_dir()));
+    for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(straight.run_dir().join("step-3").join(file)).unwrap();
+        let b = std::fs::read(split.run_dir().join("step-3").join(file)).unwrap();
+        assert!(a == b, "{file} differs between the straight and the resumed run");
+    }
+
+    // A run directory with checkpoints is not overwritten without --resume.
+    let err = train(&split, &opts(false, false)).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+
+    // Another LoRA shape is refused, saying what differs.
+    let mut other = split.clone();
+    other.lora.r = 8;
+    let err = train(&other, &opts(true, false)).unwrap_err().to_string();
+    assert!(err.contains("lora.r 4 vs 8"), "{err}");
+
+    // A corrupted checkpoint is detected by its manifest, and left as it is.
+    let newest = split.run_dir().join("step-3");
+    let adapter = newest.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&adapter).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&adapter, &bytes).unwrap();
+    let err = train(&split, &opts(true, false)).unwrap_err().to_string();
+    assert!(err.contains("adapter_model.safetensors") && err.contains("checksum"), "{err}");
+    assert_eq!(std::fs::read(&adapter).unwrap(), bytes);
+}
