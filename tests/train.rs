@@ -59,6 +59,7 @@ fn sample_data(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn recipe(dir: &std::path::Path, data: &std::path::Path, name: &str) -> Recipe {
+    let model = format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR"));
     let text = format!(
         r#"name = "{name}"
 output_dir = "{out}"
@@ -84,7 +85,6 @@ grad_accum = 2
 keep_last = 0
 "#,
         out = dir.display(),
-        model = format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR")),
         data = data.display()
     );
     Recipe::parse(&text, &[]).unwrap()
