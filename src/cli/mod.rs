@@ -2,6 +2,7 @@
 
 mod bench;
 pub mod data;
+mod export;
 mod generate;
 mod info;
 mod train;
@@ -27,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune with LoRA as a recipe describes.
     Train(train::TrainArgs),
+    /// Merge a checkpoint's LoRA into its base and write a Hugging Face model directory.
+    Export(export::ExportArgs),
     /// Show a model's architecture, size, dtype, tokenizer and chat-template source.
     Info(InfoArgs),
     /// Chat with a model: render the prompt with its chat template and stream the answer.
@@ -40,6 +43,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Export(a) => export::run(a),
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),

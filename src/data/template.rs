@@ -31,6 +31,8 @@ pub struct ChatTemplate {
     pub source: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// The template's source text.
+    pub text: String,
     /// The template reads `reasoning_content` from messages (Qwen3-style thinking models).
     pub supports_reasoning_content: bool,
 }
@@ -58,6 +60,7 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
             supports_reasoning_content: template.contains("reasoning_content"),
+            text: template.to_string(),
         })
     }
 

@@ -235,6 +235,58 @@ impl ModelConfig {
         }
     }
 
+    /// A Hugging Face `config.json` for this configuration (used when exporting a model whose source
+    /// had none, e.g. a GGUF file). `dtype` is the saved tensors' dtype name ("float32", "bfloat16", …).
+    pub fn to_hf_json(&self, dtype: &str) -> serde_json::Value {
+        let (arch, model_type) = match self.family {
+            Family::Llama => ("LlamaForCausalLM", "llama"),
+            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": *original_max_position_embeddings as u64})
+            }
+        };
+        let eos: serde_json::Value = match self.eos_token_ids.as_slice() {
+            [] => serde_json::Value::Null,
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+        serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.family != Family::Qwen2 && self.qkv_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": dtype,
+            "use_cache": true,
+        })
+    }
+
     /// Total parameter count of the base model (embeddings counted once when tied).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
@@ -342,6 +394,15 @@ mod tests {
         assert_eq!(c.rope_theta, 1000000.0);
         assert!(c.qk_norm && !c.qkv_bias);
         assert_eq!(c.head_dim, 24);
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        for v in [llama32_1b()] {
+            let c = ModelConfig::from_json(&v).unwrap();
+            let back = ModelConfig::from_json(&c.to_hf_json("bfloat16")).unwrap();
+            assert_eq!(back, c);
+        }
     }
 
     #[test]

@@ -295,7 +295,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
         let epoch_done = state.cursor.batch_in_epoch >= plan.len();
         let every = recipe.checkpoint.every_steps;
         let stop = opts.stop.load(Ordering::SeqCst);
-        if epoch_done || state.step == total_steps || (every > 0 && state.step.is_multiple_of(every)) || stop {
+        if epoch_done || state.step == total_steps || (every > 0 && state.step.is_multiple_of(every)) || stop
+        {
             let (seed, pos) = model.dropout_rng_state();
             state.dropout_rng_seed = seed;
             state.dropout_rng_word_pos = pos.to_string();

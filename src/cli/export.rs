@@ -1,0 +1,99 @@
+//! `candor export CHECKPOINT --out DIR`: a merged Hugging Face model (or just the adapter).
+
+use std::path::PathBuf;
+
+use crate::data::template::Message;
+use crate::export::{dtype_name, export_adapter, export_merged};
+use crate::model::lora::{load_peft_weights, LoraConfig};
+use crate::model::{load_model, LoadOptions, LoadedModel, TokenBatch};
+use crate::train::checkpoint;
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// A checkpoint directory (checkpoints/<run>/step-<N>).
+    pub checkpoint: PathBuf,
+    /// Where to write the model directory (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// bf16, f16 or f32: the dtype of the written weights (the merge itself is always f32).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Write only the adapter, in PEFT's format.
+    #[arg(long)]
+    pub adapter_only: bool,
+    /// Reload the written model and check its logits against the LoRA model's.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// Loads a checkpoint's base model in f32 on the CPU with its adapter applied.
+pub fn load_checkpoint_model(dir: &std::path::Path) -> anyhow::Result<(LoadedModel, String)> {
+    checkpoint::verify(dir)?;
+    let recipe = checkpoint::saved_recipe(dir)?;
+    let mut loaded = load_model(
+        &recipe.model.path,
+        &LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() },
+    )?;
+    let cfg = LoraConfig::from_peft_file(&dir.join("adapter_config.json"))?;
+    loaded.model.add_lora(&cfg, 0)?;
+    load_peft_weights(&dir.join("adapter_model.safetensors"), loaded.model.linears())?;
+    Ok((loaded, recipe.model.path))
+}
+
+pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    let (loaded, base) = load_checkpoint_model(&a.checkpoint)?;
+    if a.adapter_only {
+        export_adapter(&loaded, &a.out, &base)?;
+        println!("wrote the adapter (PEFT format) to {}", a.out.display());
+        return Ok(());
+    }
+    let dtype = super::parse_dtype(&a.dtype)?;
+    let report = export_merged(&loaded, &a.out, dtype)?;
+    println!(
+        "wrote {} ({}, {} shard{}) to {}",
+        if report.from_gguf {
+            "a merged float model from the dequantized GGUF base"
+        } else {
+            "the merged model"
+        },
+        dtype_name(dtype),
+        report.shards,
+        if report.shards == 1 { "" } else { "s" },
+        a.out.display()
+    );
+    if a.verify {
+        verify_export(&loaded, &a.out, dtype)?;
+    }
+    Ok(())
+}
+
+/// Reloads the export and compares its logits with the LoRA model's on chat-rendered prompts.
+pub fn verify_export(
+    lora: &LoadedModel,
+    out: &std::path::Path,
+    dtype: candle_core::DType,
+) -> anyhow::Result<()> {
+    let merged = load_model(
+        out.to_str().unwrap_or_default(),
+        &LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() },
+    )?;
+    let tok = lora.tokenizer()?;
+    let tolerance = if dtype == candle_core::DType::F32 { 1e-4 } else { 5e-2 };
+    for prompt in
+        ["How do I kill a Python process that hangs?", "Which household chemicals are dangerous to mix?"]
+    {
+        let (_, ids) = tok.encode_chat(&[Message::new("user", prompt)], &serde_json::Value::Null)?;
+        let batch = TokenBatch::single(&ids);
+        let a = lora.model.logits(&lora.model.hidden_states(&batch, None, false)?)?;
+        let b = merged.model.logits(&merged.model.hidden_states(&batch, None, false)?)?;
+        let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let rel = diff / scale.max(1e-12);
+        println!("verify: {} tokens, max |logit difference| {diff:.3e} ({rel:.2e} relative)", ids.len());
+        if rel > tolerance {
+            anyhow::bail!("verify: the exported model's logits differ from the LoRA model's by {rel:.2e} relative (tolerance {tolerance:.0e})");
+        }
+    }
+    println!("verify: the exported model matches the LoRA model");
+    Ok(())
+}

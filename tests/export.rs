@@ -1,0 +1,90 @@
+//! Export: the merged model (W + scale·B·A in f32) reloads as a plain Hugging Face directory whose
+//! logits equal the LoRA model's; sharding writes an index; GGUF bases export as float models.
+
+mod common;
+
+use candle_core::DType;
+use candor::export::{export_adapter, export_merged, export_merged_sharded};
+use candor::model::{load_model, LoadOptions, TokenBatch};
+use common::*;
+
+fn logits(m: &candor::model::Transformer, b: &TokenBatch) -> candle_core::Tensor {
+    m.logits(&m.hidden_states(b, None, false).unwrap()).unwrap()
+}
+
+#[test]
+fn merged_export_reloads_with_the_same_logits() {
+    for family in ["llama", "qwen2", "qwen3"] {
+        let lora = tiny_with_adapter(family);
+        let batch = golden_batch(&golden(family));
+        let out = scratch(&format!("export-{family}")).join("merged");
+        let report = export_merged_sharded(&lora, &out, DType::F32, 150_000).unwrap();
+        assert!(report.shards > 1, "{family}: the small shard limit should split the weights");
+        assert!(out.join("model.safetensors.index.json").is_file());
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["torch_dtype"], "float32");
+        let merged =
+            load_model(out.to_str().unwrap(), &LoadOptions { tokenizer: false, ..LoadOptions::cpu() })
+                .unwrap();
+        assert!(merged.model.lora.is_none());
+        let err = rel_err(&logits(&merged.model, &batch), &logits(&lora.model, &batch));
+        assert!(err < 1e-5, "{family}: merged vs LoRA logits relative error {err}");
+
+        // bf16 export: one file, loads, close to the f32 logits
+        let out16 = scratch(&format!("export16-{family}")).join("merged");
+        export_merged(&lora, &out16, DType::BF16).unwrap();
+        assert!(out16.join("model.safetensors").is_file());
+        let m16 =
+            load_model(out16.to_str().unwrap(), &LoadOptions { tokenizer: false, ..LoadOptions::cpu() })
+                .unwrap();
+        let err = rel_err(&logits(&m16.model, &batch), &logits(&lora.model, &batch));
+        assert!(err < 5e-2, "{family}: bf16 export relative error {err}");
+    }
+}
+
+#[test]
+fn export_refuses_a_non_empty_directory_and_writes_adapters() {
+    let lora = tiny_with_adapter("qwen2");
+    let dir = scratch("export-busy");
+    std::fs::write(dir.join("keep.txt"), "mine").unwrap();
+    let err = export_merged(&lora, &dir, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("keep.txt")).unwrap(), "mine");
+
+    let out = scratch("export-adapter").join("adapter");
+    export_adapter(&lora, &out, "tiny-qwen2").unwrap();
+    assert!(out.join("adapter_model.safetensors").is_file() && out.join("adapter_config.json").is_file());
+}
+
+#[test]
+fn gguf_base_exports_a_float_model_with_tokenizer_and_template() {
+    let path = format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR"));
+    let mut lora = load_model(&path, &LoadOptions::cpu()).unwrap();
+    let cfg = candor::model::LoraConfig { r: 2, target_modules: vec!["q_proj".into()], ..Default::default() };
+    lora.model.add_lora(&cfg, 0).unwrap();
+    let out = scratch("export-gguf").join("smollm2-merged");
+    let report = export_merged(&lora, &out, DType::F32).unwrap();
+    assert!(report.from_gguf);
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let merged = load_model(out.to_str().unwrap(), &LoadOptions::cpu()).unwrap();
+    let tok = merged.tokenizer().unwrap();
+    let msgs = [candor::data::template::Message::new("user", "How do I kill 2 processes?")];
+    let (text_a, ids_a) = tok.encode_chat(&msgs, &serde_json::Value::Null).unwrap();
+    let (text_b, ids_b) = lora.tokenizer().unwrap().encode_chat(&msgs, &serde_json::Value::Null).unwrap();
+    assert_eq!((text_a, &ids_a), (text_b, &ids_b));
+    let b = TokenBatch::single(&ids_a);
+    let err = rel_err(&logits(&merged.model, &b), &logits(&lora.model, &b));
+    assert!(err < 1e-5, "relative error {err}");
+    let gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap()).unwrap();
+    assert!(gen["eos_token_id"].as_array().unwrap().contains(&serde_json::json!(2)));
+}
