@@ -27,6 +27,7 @@ pub struct Recipe {
     pub schedule: ScheduleSection,
     pub train: TrainSection,
     pub checkpoint: CheckpointSection,
+    pub export: ExportSection,
 }
 
 impl Default for Recipe {
@@ -42,6 +43,7 @@ impl Default for Recipe {
             schedule: ScheduleSection::default(),
             train: TrainSection::default(),
             checkpoint: CheckpointSection::default(),
+            export: ExportSection::default(),
         }
     }
 }
@@ -217,6 +219,23 @@ pub struct CheckpointSection {
 impl Default for CheckpointSection {
     fn default() -> Self {
         CheckpointSection { every_steps: 0, keep_last: 2 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportSection {
+    /// After training, merge the last checkpoint into `<run>/merged/`.
+    pub at_end: bool,
+    /// bf16, f16 or f32.
+    pub dtype: String,
+    /// Reload the export and compare its logits with the LoRA model's.
+    pub verify: bool,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        ExportSection { at_end: false, dtype: "bf16".into(), verify: false }
     }
 }
 

@@ -2,7 +2,7 @@
 
 mod bench;
 pub mod data;
-mod export;
+pub mod export;
 mod generate;
 mod info;
 mod train;

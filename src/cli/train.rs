@@ -52,5 +52,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if summary.interrupted {
         std::process::exit(INTERRUPTED_EXIT);
     }
+    if let (true, Some(ckpt)) = (recipe.export.at_end, &summary.last_checkpoint) {
+        let out = recipe.run_dir().join("merged");
+        if out.exists() {
+            std::fs::remove_dir_all(&out)?;
+        }
+        super::export::run(super::export::ExportArgs {
+            checkpoint: ckpt.clone(),
+            out: out.clone(),
+            dtype: recipe.export.dtype.clone(),
+            adapter_only: false,
+            verify: recipe.export.verify,
+        })?;
+        eprintln!("  merged model: {}", out.display());
+    }
     Ok(())
 }
