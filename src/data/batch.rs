@@ -271,6 +271,7 @@ impl Batcher {
             attention_mask: Vec::with_capacity(n),
             segment_ids: (self.mode == BatchMode::Packed).then(|| Vec::with_capacity(n)),
             targets: Vec::with_capacity(n),
+            past_mask: None,
         };
         for row in rows {
             let mut used = 0;

@@ -24,6 +24,9 @@ pub struct TokenBatch {
     /// `targets[t]` is the token the model should predict after reading `input_ids[..=t]`, or
     /// [`IGNORE_INDEX`]. Already shifted: no shifting happens inside the model.
     pub targets: Vec<i64>,
+    /// Which cached keys (`[batch × past_len]`, 1 = real) the batch may attend to when it continues a
+    /// KV cache: left-padded batched generation. `None` means every cached key is real.
+    pub past_mask: Option<Vec<u8>>,
 }
 
 impl TokenBatch {
@@ -57,6 +60,7 @@ impl TokenBatch {
             attention_mask: attention_mask.concat(),
             segment_ids: None,
             targets,
+            past_mask: None,
         })
     }
 
@@ -70,6 +74,7 @@ impl TokenBatch {
             attention_mask: vec![1; ids.len()],
             segment_ids: None,
             targets: vec![IGNORE_INDEX; ids.len()],
+            past_mask: None,
         }
     }
 
@@ -91,7 +96,18 @@ impl TokenBatch {
     pub fn attention_bias(&self, past_len: usize, device: &Device) -> Result<Option<Tensor>> {
         let (b, t) = (self.batch, self.seq_len);
         let keys = past_len + t;
-        let no_padding = self.attention_mask.iter().all(|&m| m == 1);
+        let past_mask = match &self.past_mask {
+            Some(m) if m.len() != b * past_len => {
+                return Err(CandorError::msg(format!(
+                    "past mask has {} entries for {b} rows of {past_len} cached keys",
+                    m.len()
+                )))
+            }
+            Some(m) => Some(m.as_slice()),
+            None => None,
+        };
+        let no_padding =
+            self.attention_mask.iter().all(|&m| m == 1) && past_mask.is_none_or(|m| m.iter().all(|&v| v == 1));
         if t == 1 && no_padding && self.segment_ids.is_none() {
             return Ok(None);
         }
@@ -105,9 +121,9 @@ impl TokenBatch {
             for q in 0..t {
                 let out = &mut bias[(row * t + q) * keys..(row * t + q + 1) * keys];
                 for (k, o) in out.iter_mut().enumerate() {
-                    // cached keys (k < past_len) are assumed valid and earlier in the same document
+                    // cached keys (k < past_len) are earlier in the same document; real unless masked
                     let allowed = if k < past_len {
-                        true
+                        past_mask.is_none_or(|m| m[row * past_len + k] == 1)
                     } else {
                         let kk = k - past_len;
                         kk <= q && valid[kk] == 1 && seg.is_none_or(|s| s[kk] == s[q])
