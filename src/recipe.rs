@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::dataset::SourceSpec;
 use crate::error::{CandorError, Result};
+use crate::eval::EvalConfig;
 use crate::model::lora::LoraConfig;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::ScheduleKind;
@@ -28,6 +29,9 @@ pub struct Recipe {
     pub train: TrainSection,
     pub checkpoint: CheckpointSection,
     pub export: ExportSection,
+    /// `[eval]`: evaluate before training and after every epoch (absent: no evaluation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalConfig>,
 }
 
 impl Default for Recipe {
@@ -44,6 +48,7 @@ impl Default for Recipe {
             train: TrainSection::default(),
             checkpoint: CheckpointSection::default(),
             export: ExportSection::default(),
+            eval: None,
         }
     }
 }
@@ -274,6 +279,9 @@ impl Recipe {
             return Err(format!("name \"{}\" must be a plain directory name", self.name));
         }
         self.lora.config().resolved_targets().map_err(|e| e.to_string())?;
+        if let Some(eval) = &self.eval {
+            eval.validate()?;
+        }
         Ok(())
     }
 
@@ -293,7 +301,7 @@ fn one_line_toml(msg: &str) -> String {
 
 /// `a.b.c=value`: the value is read as TOML (number, bool, array, inline table, quoted string), or as a
 /// bare string when it is not valid TOML.
-fn apply_override(root: &mut toml::Value, o: &str) -> std::result::Result<(), String> {
+pub(crate) fn apply_override(root: &mut toml::Value, o: &str) -> std::result::Result<(), String> {
     let (key, raw) = o.split_once('=').ok_or_else(|| format!("--set {o}: expected key=value"))?;
     let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()

@@ -57,7 +57,10 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                 Ok(())
             })
             .unwrap();
-            assert!(single[0].stopped && single[0].tokens.len() <= 3, "{family}: first row did not stop early");
+            assert!(
+                single[0].stopped && single[0].tokens.len() <= 3,
+                "{family}: first row did not stop early"
+            );
             for (i, (s, b)) in single.iter().zip(&batched).enumerate() {
                 assert_eq!(s.tokens, b.tokens, "{family} row {i} (temperature {})", opts.temperature);
                 assert_eq!(s.stopped, b.stopped, "{family} row {i}");

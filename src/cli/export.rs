@@ -26,14 +26,14 @@ pub struct ExportArgs {
     pub verify: bool,
 }
 
-/// Loads a checkpoint's base model in f32 on the CPU with its adapter applied.
-pub fn load_checkpoint_model(dir: &std::path::Path) -> anyhow::Result<(LoadedModel, String)> {
+/// Loads a checkpoint's base model with its adapter applied (export uses f32 on the CPU).
+pub fn load_checkpoint_model(
+    dir: &std::path::Path,
+    opts: &LoadOptions,
+) -> anyhow::Result<(LoadedModel, String)> {
     checkpoint::verify(dir)?;
     let recipe = checkpoint::saved_recipe(dir)?;
-    let mut loaded = load_model(
-        &recipe.model.path,
-        &LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() },
-    )?;
+    let mut loaded = load_model(&recipe.model.path, opts)?;
     let cfg = LoraConfig::from_peft_file(&dir.join("adapter_config.json"))?;
     loaded.model.add_lora(&cfg, 0)?;
     load_peft_weights(&dir.join("adapter_model.safetensors"), loaded.model.linears())?;
@@ -41,7 +41,8 @@ pub fn load_checkpoint_model(dir: &std::path::Path) -> anyhow::Result<(LoadedMod
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
-    let (loaded, base) = load_checkpoint_model(&a.checkpoint)?;
+    let f32_cpu = LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() };
+    let (loaded, base) = load_checkpoint_model(&a.checkpoint, &f32_cpu)?;
     if a.adapter_only {
         export_adapter(&loaded, &a.out, &base)?;
         println!("wrote the adapter (PEFT format) to {}", a.out.display());

@@ -2,9 +2,11 @@
 
 mod bench;
 pub mod data;
+pub mod eval;
 pub mod export;
 mod generate;
 mod info;
+mod judge;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +38,10 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Look at training data as the model will see it.
     Data(data::DataArgs),
+    /// Evaluate refusal rates (benign and harmful prompts) of a model, checkpoint or export.
+    Eval(eval::EvalArgs),
+    /// Classify given answers (full compliance, safe partial, refusal); audit a judge against labels.
+    Judge(judge::JudgeArgs),
     /// Measure performance (training step throughput and memory).
     Bench(BenchArgs),
 }
@@ -48,6 +54,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(a) => data::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Judge(a) => judge::run(a),
     }
 }
 

@@ -106,8 +106,8 @@ impl TokenBatch {
             Some(m) => Some(m.as_slice()),
             None => None,
         };
-        let no_padding =
-            self.attention_mask.iter().all(|&m| m == 1) && past_mask.is_none_or(|m| m.iter().all(|&v| v == 1));
+        let no_padding = self.attention_mask.iter().all(|&m| m == 1)
+            && past_mask.is_none_or(|m| m.iter().all(|&v| v == 1));
         if t == 1 && no_padding && self.segment_ids.is_none() {
             return Ok(None);
         }

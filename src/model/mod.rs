@@ -12,4 +12,5 @@ pub use config::{Family, ModelConfig};
 pub use input::{TokenBatch, IGNORE_INDEX};
 pub use load::{load_model, load_tokenizer, LoadOptions, LoadedModel, ModelSource};
 pub use lora::{LoraConfig, LoraLinear};
+pub use tokenizer::ChatTokenizer;
 pub use transformer::{KvCache, Transformer};

@@ -10,12 +10,14 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::checkpoint::{self, TrainerState};
+use super::eval_hook::EvalHook;
 use super::optim::{collect_grads, global_grad_norm, AdamW};
 use super::schedule::Schedule;
 use crate::data::batch::{tokenize_examples, BatchMode, Batcher, DataCursor, TokenizeOptions, Truncation};
 use crate::data::dataset::load_examples;
 use crate::data::falsereject::{ConversationOptions, OnBadRow};
 use crate::error::{CandorError, Result};
+use crate::eval::Evaluator;
 use crate::hub::HubOptions;
 use crate::model::{load_model, LoadOptions, TokenBatch, Transformer};
 use crate::recipe::Recipe;
@@ -178,6 +180,12 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
         Schedule { kind: recipe.schedule.kind, peak_lr: recipe.optim.lr, warmup_steps: warmup, total_steps };
     let mut opt = AdamW::new(model.lora_vars(), recipe.optim.adamw())?;
 
+    // ── setup: evaluation (prompts and judge are loaded now, so bad eval input fails before training) ──
+    let eval_hook = match &recipe.eval {
+        Some(cfg) => Some(EvalHook::new(Evaluator::new(cfg, &load_opts)?, &run_dir, &recipe.model.path)),
+        None => None,
+    };
+
     // ── resume ──
     let mut state = TrainerState {
         step: 0,
@@ -238,6 +246,26 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
             .expect("template"),
     );
     bar.set_position(state.step);
+    if let Some(hook) = &eval_hook {
+        say(format!(
+            "eval: {} prompts, judge {}, results in {}",
+            hook.evaluator.prompts.len(),
+            hook.evaluator.judge.name(),
+            hook.eval_dir.display()
+        ));
+        let epoch = state.cursor.epoch;
+        let epoch_done = state.cursor.batch_in_epoch >= batcher.epoch_plan(epoch).len();
+        if state.step == 0 {
+            if hook.evaluator.cfg.before_training && !hook.has("epoch-0") {
+                hook.run(model, tok, "epoch-0", 0, 0, &bar)?;
+            }
+        } else if let Some((tag, ep)) = hook.due(state.step, total_steps, epoch, epoch_done) {
+            // the run stopped between a checkpoint and the evaluation that was due with it
+            if !hook.has(&tag) {
+                hook.run(model, tok, &tag, ep, state.step, &bar)?;
+            }
+        }
+    }
     let start = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut last_loss = None;
@@ -302,15 +330,35 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
             state.dropout_rng_word_pos = pos.to_string();
             state.elapsed_s = elapsed_before + start.elapsed().as_secs_f64();
             let dir = checkpoint::save(&run_dir, model, &opt, &state, recipe, recipe.checkpoint.keep_last)?;
-            bar.println(format!("checkpoint {}", dir.display()));
+            let line = format!("checkpoint {}", dir.display());
+            if opts.quiet {
+                say(line);
+            } else {
+                bar.println(line);
+            }
             last_checkpoint = Some(dir);
         }
         if stop {
             interrupted = true;
             break;
         }
+        if let Some(hook) = &eval_hook {
+            if let Some((tag, ep)) = hook.due(state.step, total_steps, state.cursor.epoch, epoch_done) {
+                hook.run(model, tok, &tag, ep, state.step, &bar)?;
+            }
+        }
     }
     bar.finish_and_clear();
+    if let Some(hook) = &eval_hook {
+        if hook.eval_dir.join("summary.json").exists() {
+            say(format!(
+                "eval: {} (plot {}, report {})",
+                hook.eval_dir.join("summary.json").display(),
+                hook.eval_dir.join("plot.svg").display(),
+                hook.eval_dir.join("report.md").display()
+            ));
+        }
+    }
     let wall_s = start.elapsed().as_secs_f64();
     Ok(TrainSummary {
         steps: state.step,
