@@ -1,3 +1,4 @@
-//! Evaluation: generation (and, next, judges and the per-epoch hook).
+//! Evaluation: generation and judges (and, next, the per-epoch hook).
 
 pub mod generate;
+pub mod judge;
