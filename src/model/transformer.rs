@@ -331,7 +331,9 @@ impl Transformer {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
                     None => (k.contiguous()?, v.contiguous()?),
                 };
-                *slot = Some(kv.clone());
+                // detached: the cache must not keep the autograd graph of every earlier step alive
+                // (through the LoRA variables), which made memory grow with the square of the length
+                *slot = Some((kv.0.detach(), kv.1.detach()));
                 kv
             }
             None => (k, v),
