@@ -11,6 +11,7 @@ fn shipped_recipes_parse() {
         if path.extension().is_some_and(|e| e == "toml") {
             let r = Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(!r.data.sources.is_empty());
+            assert!(r.eval.is_some(), "{}: every shipped recipe evaluates refusals", path.display());
             n += 1;
         }
     }
@@ -18,4 +19,6 @@ fn shipped_recipes_parse() {
     let quick = Recipe::load(&dir.join("smollm2-135m-cpu.toml"), &[]).unwrap();
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&quick.data.sources[0].path);
     assert!(data.is_file(), "the quickstart's data {} is missing", data.display());
+    let eval = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&quick.eval.unwrap().sets[0].path);
+    assert!(eval.is_file(), "the quickstart's eval prompts {} are missing", eval.display());
 }
