@@ -180,15 +180,26 @@ fn serve(handler: impl Fn(usize, &Request) -> Reply + Send + Sync + 'static) -> 
             std::thread::spawn(move || {
                 let now = active.fetch_add(1, Ordering::SeqCst) + 1;
                 max_active.fetch_max(now, Ordering::SeqCst);
-                handle(stream, hits.fetch_add(1, Ordering::SeqCst), handler.as_ref());
-                active.fetch_sub(1, Ordering::SeqCst);
+                let hit = hits.fetch_add(1, Ordering::SeqCst);
+                handle(stream, hit, handler.as_ref(), &active);
             });
         }
     });
     Server { base_url: format!("http://{addr}/v1/"), hits, max_active }
 }
 
-fn handle(mut stream: TcpStream, hit: usize, handler: &(dyn Fn(usize, &Request) -> Reply + Send + Sync)) {
+/// Serves one request. `active` is decremented once the reply is decided and before it is written: the
+/// client cannot start its next request before it has the reply, so the count is exactly the number of
+/// requests in flight.
+fn handle(
+    mut stream: TcpStream,
+    hit: usize,
+    handler: &(dyn Fn(usize, &Request) -> Reply + Send + Sync),
+    active: &AtomicUsize,
+) {
+    let done = || {
+        active.fetch_sub(1, Ordering::SeqCst);
+    };
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut data = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -197,7 +208,7 @@ fn handle(mut stream: TcpStream, hit: usize, handler: &(dyn Fn(usize, &Request) 
             break i + 4;
         }
         match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return done(),
             Ok(n) => data.extend_from_slice(&chunk[..n]),
         }
     };
@@ -211,16 +222,20 @@ fn handle(mut stream: TcpStream, hit: usize, handler: &(dyn Fn(usize, &Request) 
     let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     while data.len() < header_end + length {
         match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return done(),
             Ok(n) => data.extend_from_slice(&chunk[..n]),
         }
     }
     assert!(request_line.starts_with("POST /v1/chat/completions "), "{request_line}");
     let body: Value = serde_json::from_slice(&data[header_end..header_end + length]).unwrap();
     match handler(hit, &Request { headers, body }) {
-        Reply::Hang => std::thread::sleep(Duration::from_secs(4)),
+        Reply::Hang => {
+            std::thread::sleep(Duration::from_secs(4));
+            done();
+        }
         Reply::Status { code, body, delay } => {
             std::thread::sleep(delay);
+            done();
             let reply = format!(
                 "HTTP/1.1 {code} Status\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
                  Connection: close\r\n\r\n{body}",
@@ -285,6 +300,15 @@ fn http_judge_verdicts_come_from_the_request_in_order_with_bounded_concurrency()
     let max_active = server.max_active.load(Ordering::SeqCst);
     assert!((2..=4).contains(&max_active), "max simultaneous connections {max_active}");
     assert!(judge.judge(&[]).unwrap().is_empty());
+
+    for concurrency in [1, 2] {
+        let server = serve(|_, req| rules_server_reply(req, Duration::from_millis(15)));
+        let judge = HttpJudge::new(HttpJudgeConfig { concurrency, ..config(&server) }).unwrap();
+        let got = judge.judge(&items[..12]).unwrap();
+        assert_eq!(got.len(), 12);
+        let max_active = server.max_active.load(Ordering::SeqCst);
+        assert!(max_active <= concurrency, "concurrency {concurrency}: {max_active} at once");
+    }
 }
 
 #[test]

@@ -141,7 +141,9 @@ impl HttpJudge {
             },
         };
         let endpoint = format!("{}/chat/completions", base.trim_end_matches('/'));
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs_f64(cfg.timeout_s)).build();
+        let timeout = Duration::try_from_secs_f64(cfg.timeout_s)
+            .map_err(|_| bad("timeout_s", format!("{} is not a usable number of seconds", cfg.timeout_s)))?;
+        let agent = ureq::AgentBuilder::new().timeout(timeout).build();
         Ok(HttpJudge { cfg, endpoint, api_key, agent })
     }
 
@@ -349,7 +351,10 @@ mod tests {
         assert!(HttpJudge::new(bad.clone()).unwrap_err().to_string().contains("base_url"));
         bad.base_url = "http://host".into();
         bad.concurrency = 0;
-        assert!(HttpJudge::new(bad).unwrap_err().to_string().contains("concurrency"));
+        assert!(HttpJudge::new(bad.clone()).unwrap_err().to_string().contains("concurrency"));
+        bad.concurrency = 1;
+        bad.timeout_s = 1e300;
+        assert!(HttpJudge::new(bad).unwrap_err().to_string().contains("timeout_s"));
         assert_eq!(excerpt("a\n b   c", 3), "a b…");
     }
 }
