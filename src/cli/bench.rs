@@ -10,7 +10,8 @@ use super::ModelArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// What to measure: train-step (LoRA forward + backward) or data (template + tokenize + mask).
+    /// What to measure: train-step (LoRA forward + backward), data (template + tokenize + mask) or
+    /// generate (batched generation and a whole evaluation; --data PROMPTS).
     pub what: String,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -23,9 +24,15 @@ pub struct BenchArgs {
     /// Measured steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// bench data: the data file whose rows are replicated.
+    /// bench data: the data file whose rows are replicated; bench generate: the prompts.
     #[arg(long)]
     pub data: Option<String>,
+    /// bench generate: new tokens per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// bench generate: prompts of the whole-evaluation measurement (0 skips it).
+    #[arg(long, default_value_t = 64)]
+    pub eval_prompts: usize,
     /// bench data: how many rows to prepare.
     #[arg(long, default_value_t = 15_000)]
     pub rows: usize,
@@ -75,7 +82,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what.as_str() {
         "train-step" => {}
         "data" => return bench_data(&args),
-        other => anyhow::bail!("bench: unknown benchmark \"{other}\" (available: train-step, data)"),
+        "generate" => {
+            return super::bench_generate::run(&super::bench_generate::GenerateBench {
+                model: &args.model,
+                prompts: args
+                    .data
+                    .as_deref()
+                    .ok_or_else(|| anyhow::anyhow!("bench generate needs --data PROMPTS"))?,
+                batch: args.batch,
+                new_tokens: args.new_tokens,
+                eval_prompts: args.eval_prompts,
+            })
+        }
+        other => {
+            anyhow::bail!("bench: unknown benchmark \"{other}\" (available: train-step, data, generate)")
+        }
     }
     let mut opts = args.model.load_options()?;
     opts.tokenizer = false;

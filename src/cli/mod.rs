@@ -1,6 +1,7 @@
 //! One function per subcommand.
 
 mod bench;
+mod bench_generate;
 pub mod data;
 pub mod eval;
 pub mod export;

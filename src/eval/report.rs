@@ -174,9 +174,17 @@ pub fn plot_svg(records: &[EvalRecord]) -> String {
             r##"<polyline points="{}" fill="none" stroke="#777" stroke-width="1.5" stroke-dasharray="5 4"/>"##,
             line.join(" ")
         );
+        for (x, l) in &losses {
+            let _ = writeln!(
+                s,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="#777"><title>loss {l:.4}</title></circle>"##,
+                px(*x),
+                py_loss(*l)
+            );
+        }
     }
     // legend
-    let ly = h - 20.0;
+    let ly = h - 10.0;
     for (i, (colour, name, dash)) in [
         ("#d62728", "benign refusal rate", ""),
         ("#1f77b4", "harmful refusal rate", ""),
