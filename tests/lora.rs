@@ -175,3 +175,23 @@ fn lora_dropout_is_seeded_and_only_in_training() {
     assert_eq!(e1, e2, "no dropout at inference");
     assert_ne!(t1, e1);
 }
+
+#[test]
+fn no_grad_builds_no_graph_and_changes_no_value() {
+    let loaded = tiny_with_adapter("llama");
+    let m = &loaded.model;
+    let batch = TokenBatch::single(&[5, 17, 42, 99, 3]);
+    let tracked = m.hidden_states(&batch, None, false).unwrap();
+    let untracked = {
+        let _g = candor::model::lora::no_grad();
+        m.hidden_states(&batch, None, false).unwrap()
+    };
+    assert_eq!(rel_err(&untracked, &tracked), 0.0);
+    let vars = m.lora_vars();
+    let grads = untracked.sum_all().unwrap().backward().unwrap();
+    assert!(vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_none()), "no_grad output reached a LoRA var");
+    // the guard is gone: gradients flow again
+    let again = m.hidden_states(&batch, None, false).unwrap();
+    let grads = again.sum_all().unwrap().backward().unwrap();
+    assert!(vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
+}

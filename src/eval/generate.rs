@@ -66,6 +66,7 @@ pub fn generate_batch(
     opts: &SamplingOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Vec<Generation>> {
+    let _no_grad = crate::model::lora::no_grad();
     if prompts.iter().any(Vec::is_empty) {
         return Err(CandorError::msg("cannot generate from an empty prompt"));
     }

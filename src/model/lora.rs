@@ -4,6 +4,7 @@
 //! never gets a gradient. Adapters are read and written in PEFT's format (`adapter_model.safetensors`
 //! with `base_model.model.<module>.lora_{A,B}.weight` names, plus `adapter_config.json`).
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
@@ -204,8 +205,15 @@ impl LoraLinear {
         if let (Some(rng), true) = (dropout_rng, lora.dropout > 0.0) {
             h = apply_dropout(&h, lora.dropout, rng)?;
         }
+        // under no_grad the LoRA weights enter as plain tensors, so no autograd graph is built and every
+        // activation is freed as soon as it is used
+        let (a, b) = if NO_GRAD.with(Cell::get) {
+            (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+        } else {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        };
         // scale the rank-r intermediate, not the full-width output
-        let delta = h.matmul(&lora.a.t()?)?.affine(lora.scale, 0.0)?.matmul(&lora.b.t()?)?;
+        let delta = h.matmul(&a.t()?)?.affine(lora.scale, 0.0)?.matmul(&b.t()?)?;
         let delta = delta.to_dtype(y.dtype())?.reshape(y.shape())?;
         Ok((y + delta)?)
     }
@@ -217,6 +225,26 @@ impl LoraLinear {
             None => Ok(w),
             Some(l) => Ok((w + l.b.matmul(l.a.as_tensor())?.affine(l.scale, 0.0)?)?),
         }
+    }
+}
+
+thread_local! {
+    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While the returned guard lives, LoRA layers on this thread build no autograd graph (as
+/// `torch.no_grad()`): generation and evaluation keep only what the next step needs. Without it, the
+/// trainable variables make every forward remember all its activations for a backward that never comes.
+pub fn no_grad() -> NoGradGuard {
+    NoGradGuard(NO_GRAD.with(|c| c.replace(true)))
+}
+
+pub struct NoGradGuard(bool);
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        let previous = self.0;
+        NO_GRAD.with(|c| c.set(previous));
     }
 }
 
