@@ -5,6 +5,7 @@ pub mod data;
 pub mod export;
 mod generate;
 mod info;
+mod selftest;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ pub enum Command {
     Data(data::DataArgs),
     /// Measure performance (training step throughput and memory).
     Bench(BenchArgs),
+    /// Check the fused ops (forward and gradients) against composed candle ops on a device.
+    Selftest(selftest::SelftestArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Data(a) => data::run(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 
