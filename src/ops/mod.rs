@@ -110,7 +110,7 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{
-        self, CudaFunction, CudaSlice, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig,
+        self, CudaFunction, CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig,
     };
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{DType, Result};
