@@ -9,7 +9,8 @@
 # env:   CARGO_TARGET_DIR (default $HOME/.cache/candor/target-cuda: keep it between runs — a cold build
 #        spends ~11-14 min in nvcc on candle's kernels, a warm one 1-2 min), CANDOR_CUDA_PREFIX (the
 #        toolchain venv, default $HOME/.cache/candor/cuda), CUDA_COMPUTE_CAP (default 90).
-# The binary is $CARGO_TARGET_DIR/release/candor; scripts/gpu-check.sh runs it on the GPU machine.
+# The binary is $CARGO_TARGET_DIR/release/candor; a stripped copy goes to dist/candor-cuda (git-ignored,
+# ~40 MB), which scripts/gpu-check.sh runs on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/candor/target-cuda}
@@ -33,4 +34,6 @@ needed=$(readelf -d "$bin" | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p' | tr '\n' ' ')
 for lib in libcuda.so.1 libcublas.so.13; do
   case " $needed " in *" $lib "*) ;; *) echo "check-cuda-build: $bin does not link $lib (NEEDED: $needed)" >&2; exit 1;; esac
 done
-echo "check-cuda-build: ok in $(( $(date +%s) - start )) s: $bin (NEEDED: $needed); PTX assembled for sm_$CUDA_COMPUTE_CAP"
+mkdir -p dist
+strip -o dist/candor-cuda "$bin"
+echo "check-cuda-build: ok in $(( $(date +%s) - start )) s: $bin (NEEDED: $needed); PTX assembled for sm_$CUDA_COMPUTE_CAP; stripped copy dist/candor-cuda"
