@@ -10,7 +10,8 @@
 #        spends ~11-14 min in nvcc on candle's kernels, a warm one 1-2 min), CANDOR_CUDA_PREFIX (the
 #        toolchain venv, default $HOME/.cache/candor/cuda), CUDA_COMPUTE_CAP (default 90).
 # The binary is $CARGO_TARGET_DIR/release/candor; a stripped copy goes to dist/candor-cuda (git-ignored,
-# ~40 MB), which scripts/gpu-check.sh runs on the GPU machine.
+# ~68 MB, over the 64 MiB a device run can carry) and gzipped to dist/candor-cuda.gz (~17 MB): carry that
+# one; scripts/gpu-check.sh unpacks it on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/candor/target-cuda}
@@ -36,4 +37,5 @@ for lib in libcuda.so.1 libcublas.so.13; do
 done
 mkdir -p dist
 strip -o dist/candor-cuda "$bin"
-echo "check-cuda-build: ok in $(( $(date +%s) - start )) s: $bin (NEEDED: $needed); PTX assembled for sm_$CUDA_COMPUTE_CAP; stripped copy dist/candor-cuda"
+gzip -9 -c dist/candor-cuda > dist/candor-cuda.gz
+echo "check-cuda-build: ok in $(( $(date +%s) - start )) s: $bin (NEEDED: $needed); PTX assembled for sm_$CUDA_COMPUTE_CAP; stripped copy dist/candor-cuda, gzipped dist/candor-cuda.gz"

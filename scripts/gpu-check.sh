@@ -2,8 +2,8 @@
 # scripts/gpu-check.sh OUT_DIR — the one prepared check for the GPU machine (see docs/gpu-results.md).
 #
 # The GPU machine has no Rust and no network: build the binary here first with
-#   scripts/check-cuda-build.sh        (writes dist/candor-cuda, a stripped --features cuda build)
-# and take the repository (with dist/) along. There it needs python3 with torch, transformers, peft.
+#   scripts/check-cuda-build.sh        (writes dist/candor-cuda and dist/candor-cuda.gz)
+# and take the repository with dist/candor-cuda.gz along (unpacked here when dist/candor-cuda is absent). There it needs python3 with torch, transformers, peft.
 #
 # Steps (each under `timeout`; the worst case adds up to about 7.5 minutes):
 #   a. nvidia-smi                                   -> OUT/nvidia-smi.log
@@ -58,6 +58,13 @@ if [ -n "$NV" ]; then
   LIBS=$(ls -d "$NV"/cu13/lib "$NV"/*/lib 2>/dev/null | tr '\n' ':')
   export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
 fi
+if [ ! -x "$BIN" ] && [ -z "${CANDOR_BIN:-}" ] && [ -f dist/candor-cuda.gz ]; then
+  # what scripts/check-cuda-build.sh writes for carrying (the plain binary is over the carry limit)
+  BIN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/candor-bin.XXXXXX")
+  BIN=$BIN_DIR/candor
+  gzip -dc dist/candor-cuda.gz > "$BIN" && chmod +x "$BIN"
+  echo "binary: unpacked dist/candor-cuda.gz to $BIN"
+fi
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
@@ -74,7 +81,7 @@ run nvidia-smi 20 bash -c 'nvidia-smi && nvidia-smi --query-gpu=name,memory.tota
 run selftest 45 "$BIN" selftest --device "$DEVICE"
 
 MODELS=$(mktemp -d "${TMPDIR:-/tmp}/candor-gpu-check.XXXXXX")
-trap 'sample_stop; rm -rf "$MODELS"' EXIT
+trap 'sample_stop; rm -rf "$MODELS" ${BIN_DIR:+"$BIN_DIR"}' EXIT
 run make-models 100 "$PY" scripts/make_bench_models.py "$MODELS" --device "$DEVICE" $TINY
 
 for model in qwen2.5-0.5b llama-3.2-1b; do
