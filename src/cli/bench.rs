@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use crate::model::lora::LoraConfig;
 use crate::model::{load_model, TokenBatch};
+use crate::train::optim::{collect_grads, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 
 use super::ModelArgs;
@@ -36,6 +37,13 @@ pub struct BenchArgs {
     /// bench data: how many rows to prepare.
     #[arg(long, default_value_t = 15_000)]
     pub rows: usize,
+    /// train-step: `adamw` adds the optimizer update to each step (as a training run does); `none`
+    /// measures forward + backward only.
+    #[arg(long, default_value = "none")]
+    pub optimizer: String,
+    /// train-step: also write the summary as JSON to this file.
+    #[arg(long)]
+    pub json: Option<String>,
 }
 
 fn bench_data(args: &BenchArgs) -> anyhow::Result<()> {
@@ -98,6 +106,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             anyhow::bail!("bench: unknown benchmark \"{other}\" (available: train-step, data, generate)")
         }
     }
+    let adamw = match args.optimizer.as_str() {
+        "none" => false,
+        "adamw" => true,
+        other => anyhow::bail!("bench: unknown --optimizer \"{other}\" (none or adamw)"),
+    };
     let mut opts = args.model.load_options()?;
     opts.tokenizer = false;
     let mut loaded = load_model(&args.model.model, &opts)?;
@@ -112,30 +125,47 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let batch = TokenBatch::from_hf(rows, vec![vec![1; args.seq_len]; args.batch], labels)?;
     let tokens = args.batch * args.seq_len;
     println!(
-        "train-step: {} ({:.1} M params, {:?}), LoRA r={} on all 7 projections ({:.2} M trainable), batch {} x {}, forward + backward",
+        "train-step: {} ({:.1} M params, {:?} on {}), LoRA r={} on all 7 projections ({:.2} M trainable), batch {} x {}, forward + backward{}",
         loaded.source,
         model.config.num_parameters() as f64 / 1e6,
         model.dtype(),
+        args.model.device,
         args.rank,
         model.num_lora_parameters() as f64 / 1e6,
         args.batch,
-        args.seq_len
+        args.seq_len,
+        if adamw { " + AdamW update" } else { "" }
     );
+    let device = model.device().clone();
+    let mut optimizer =
+        if adamw { Some(AdamW::new(model.lora_vars(), AdamWConfig::default())?) } else { None };
+    let mut peak_device_bytes = 0u64;
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let start = Instant::now();
         let hidden = model.hidden_states(&batch, None, true)?;
         let (loss_sum, n) = model.loss_sum(&hidden, &batch.targets)?;
         let loss = (loss_sum / n as f64)?;
+        // GPU work is queued asynchronously: wait for it before reading the clock
+        device.synchronize()?;
         let forward_s = start.elapsed().as_secs_f64();
+        peak_device_bytes = peak_device_bytes.max(device_memory_used_bytes(&device));
         let grads = loss.backward()?;
+        device.synchronize()?;
+        peak_device_bytes = peak_device_bytes.max(device_memory_used_bytes(&device));
+        if let Some(opt) = optimizer.as_mut() {
+            let g = collect_grads(&grads, opt.params())?;
+            opt.apply(&g, opt.config.lr)?;
+        }
         drop(grads);
+        device.synchronize()?;
         let s = start.elapsed().as_secs_f64();
         println!(
-            "  step {step}{}: {:.3} s (forward {:.3} s, backward {:.3} s), {:.1} tokens/s, loss {:.4}",
+            "  step {step}{}: {:.3} s (forward {:.3} s, backward{} {:.3} s), {:.1} tokens/s, loss {:.4}",
             if step == 0 { " (warm-up)" } else { "" },
             s,
             forward_s,
+            if adamw { " + update" } else { "" },
             s - forward_s,
             tokens as f64 / s,
             loss.to_scalar::<f32>()?
@@ -146,13 +176,53 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let tokens_per_s = tokens as f64 / median;
+    let device_note = if device.is_cuda() {
+        format!(
+            "; GPU memory in use (sampled after forward and backward) {:.2} GB",
+            peak_device_bytes as f64 / 1e9
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "median step {:.3} s = {:.1} tokens/s; peak RSS {:.2} GB",
+        "median step {:.3} s = {:.1} tokens/s; peak RSS {:.2} GB{device_note}",
         median,
-        tokens as f64 / median,
+        tokens_per_s,
         peak_rss_bytes() as f64 / 1e9
     );
+    if let Some(path) = &args.json {
+        let summary = serde_json::json!({
+            "model": args.model.model,
+            "device": args.model.device,
+            "dtype": format!("{:?}", model.dtype()),
+            "num_parameters": model.config.num_parameters(),
+            "num_lora_parameters": model.num_lora_parameters(),
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "rank": args.rank,
+            "optimizer": args.optimizer,
+            "step_s": times,
+            "median_step_s": median,
+            "tokens_per_s": tokens_per_s,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_device_memory_used_bytes": peak_device_bytes,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
+            .map_err(|e| anyhow::anyhow!("bench: cannot write {path}: {e}"))?;
+    }
     Ok(())
+}
+
+/// Device memory in use on the whole GPU (total − free, so it includes the CUDA context and
+/// candle's caching), 0 on the CPU.
+fn device_memory_used_bytes(device: &candle_core::Device) -> u64 {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return dev.cuda_stream().context().mem_get_info().map_or(0, |(free, total)| (total - free) as u64);
+    }
+    let _ = device;
+    0
 }
 
 /// The process's peak resident set size (VmHWM), 0 where /proc is unavailable.

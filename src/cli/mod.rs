@@ -8,6 +8,7 @@ pub mod export;
 mod generate;
 mod info;
 mod judge;
+mod selftest;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     /// Measure performance (training step throughput and memory).
     Bench(BenchArgs),
+    /// Check the fused ops (forward and gradients) against composed candle ops on a device.
+    Selftest(selftest::SelftestArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(a) => data::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Judge(a) => judge::run(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 

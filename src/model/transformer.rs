@@ -1,9 +1,10 @@
 //! The one decoder: Llama, SmolLM2, Qwen2/2.5 and Qwen3 differ only in `ModelConfig` flags.
 //!
 //! The same code trains (full sequences, padding and packing masks, per-token positions) and
-//! generates (KV cache). Every op on the training path carries gradients: RMSNorm, RoPE and softmax
-//! are composed from differentiable candle ops here (candle's fused versions drop gradients), and the
-//! frozen projections use [`frozen_linear`], which gives the input a gradient and the weight none.
+//! generates (KV cache). Every op on the training path carries gradients: RMSNorm, RoPE and SwiGLU are
+//! our fused ops from [`crate::ops`] (CPU loops or CUDA kernels, each with its backward; candle's own
+//! fused versions drop gradients), softmax is candle's differentiable `ops::softmax`, and the frozen
+//! projections use [`frozen_linear`], which gives the input a gradient and the weight none.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,7 +16,7 @@ use super::config::ModelConfig;
 use super::input::{TokenBatch, IGNORE_INDEX};
 use super::lora::{init_rng, DropoutRng, LoraConfig, LoraLinear};
 use crate::error::{CandorError, Result};
-use crate::ops::{frozen_linear, linear_cross_entropy_sum};
+use crate::ops::{frozen_linear, linear_cross_entropy_sum, rope, swiglu, RotaryTable};
 
 #[derive(Debug)]
 pub struct Attention {
@@ -277,7 +278,7 @@ impl Transformer {
         let past_len = cache.as_ref().map_or(0, |c| c.len());
         let ids = batch.ids_tensor(device)?;
         let bias = batch.attention_bias(past_len, device)?;
-        let (cos, sin) = self.rotary(batch)?;
+        let (table, positions) = self.rotary(batch)?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((
             batch.batch,
             batch.seq_len,
@@ -288,7 +289,7 @@ impl Transformer {
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let rng = rng_guard.as_deref_mut();
-            x = self.layer_forward(layer, &x, &cos, &sin, bias.as_ref(), layer_cache, rng)?;
+            x = self.layer_forward(layer, &x, &table, &positions, bias.as_ref(), layer_cache, rng)?;
         }
         Ok(x)
     }
@@ -298,8 +299,8 @@ impl Transformer {
         &self,
         layer: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        table: &RotaryTable,
+        positions: &Tensor,
         bias: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mut rng: Option<&mut DropoutRng>,
@@ -322,8 +323,9 @@ impl Transformer {
             Some(w) => rms_norm(&k, w, eps)?,
             None => k,
         };
-        let q = apply_rope(&q.transpose(1, 2)?, cos, sin)?;
-        let k = apply_rope(&k.transpose(1, 2)?, cos, sin)?;
+        // rotate in the projections' [b, t, heads, hd] layout, then view as [b, heads, t, hd]
+        let q = rope(&q, table, positions)?.transpose(1, 2)?;
+        let k = rope(&k, table, positions)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
             Some(slot) => {
@@ -346,15 +348,16 @@ impl Transformer {
         let m = &layer.mlp;
         let gate = m.gate_proj.forward(&h, rng.as_deref_mut())?;
         let up = m.up_proj.forward(&h, rng.as_deref_mut())?;
-        let act = (gate.silu()? * up)?;
+        let act = swiglu(&gate, &up)?;
         Ok((x + m.down_proj.forward(&act, rng)?)?)
     }
 
-    /// cos and sin for every token's position: `[batch, 1, seq_len, head_dim / 2]` in the model dtype.
-    fn rotary(&self, batch: &TokenBatch) -> Result<(Tensor, Tensor)> {
-        let pos = batch.positions_tensor(self.device())?.to_dtype(DType::F32)?;
-        let freqs = pos.unsqueeze(2)?.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?.unsqueeze(1)?;
-        Ok((freqs.cos()?.to_dtype(self.dtype())?, freqs.sin()?.to_dtype(self.dtype())?))
+    /// The rotary table for positions `0..=max(position_ids)` (f32, shared by every layer of this
+    /// forward pass) and the positions `[batch, seq_len]` (u32).
+    fn rotary(&self, batch: &TokenBatch) -> Result<(RotaryTable, Tensor)> {
+        let len = batch.position_ids.iter().max().map_or(1, |&p| p as usize + 1);
+        let table = RotaryTable::new(&self.inv_freq, len)?;
+        Ok((table, batch.positions_tensor(self.device())?))
     }
 
     fn lm_head_weight(&self) -> &Tensor {
@@ -408,24 +411,10 @@ impl Transformer {
     }
 }
 
-/// `weight · x / √(mean(x²) + eps)` over the last dimension, computed in f32 as transformers does.
+/// `weight · x / √(mean(x²) + eps)` over the last dimension, statistics in f32 as transformers does
+/// (the fused op in [`crate::ops::rms_norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    let normed = x32.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
-    Ok(normed.broadcast_mul(weight)?)
-}
-
-/// Half-rotation RoPE (the Hugging Face layout): `x: [batch, heads, seq, head_dim]`,
-/// `cos/sin: [batch, 1, seq, head_dim/2]`.
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    Ok(crate::ops::rms_norm(x, weight, eps)?)
 }
 
 /// Scaled dot-product attention with grouped KV heads, without copying K and V per query head:

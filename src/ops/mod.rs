@@ -1,7 +1,170 @@
 //! Custom ops with their backward next to their forward, one op per file.
+//!
+//! Each fused op is a candle `CustomOp` whose `bwd` launches another (no-backward) custom op, so both
+//! directions run our own code: a CPU loop (the reference, and what the CPU build uses) and a CUDA
+//! kernel from `kernels/*.cu` (the fast path, `--features cuda`). Each op file also has a
+//! `reference` function composed from plain differentiable candle ops, used by `tests/ops.rs` and
+//! `candor selftest`.
+//!
+//! CPU kernels compute in f32 whatever the storage dtype (f32, bf16, f16) and round once on output;
+//! the CUDA kernels do the same (f32, bf16, f16).
 
 pub mod frozen_linear;
 pub mod linear_cross_entropy;
+pub mod rms_norm;
+pub mod rotary;
+pub mod swiglu;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Layout, Result};
+use half::{bf16, f16};
 
 pub use frozen_linear::frozen_linear;
 pub use linear_cross_entropy::linear_cross_entropy_sum;
+pub use rms_norm::rms_norm;
+pub use rotary::{rope, RotaryTable};
+pub use swiglu::swiglu;
+
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
+
+/// When on, the fused ops fill every output buffer they allocate with NaN before computing into it, so
+/// an element a kernel forgets to write shows up as NaN instead of as stale memory or zero. For
+/// `candor selftest` and the tests; costs one extra pass over each output.
+pub fn set_poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn poison_outputs() -> bool {
+    POISON_OUTPUTS.load(Ordering::Relaxed)
+}
+
+/// Storage types of the CPU kernels: read as f32, computed in f32, written back rounded.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    const NAN: Self;
+    const ZERO: Self;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    const NAN: Self = f32::NAN;
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    const NAN: Self = bf16::NAN;
+    const ZERO: Self = bf16::ZERO;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    const NAN: Self = f16::NAN;
+    const ZERO: Self = f16::ZERO;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// A new CPU output buffer: zeros, or NaN when poisoning is on.
+pub(crate) fn cpu_output<T: Elem>(len: usize) -> Vec<T> {
+    vec![if poison_outputs() { T::NAN } else { T::ZERO }; len]
+}
+
+/// The elements a contiguous layout covers, or an error naming the op.
+pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: {what} must be contiguous (layout {layout:?})"),
+    }
+}
+
+/// Rows per rayon task so that each task touches at least ~32k elements (smaller tasks cost more in
+/// scheduling than they save on two to sixteen cores).
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (32 * 1024 / row_len.max(1)).max(1)
+}
+
+/// Shared CUDA plumbing: PTX compiled by `build.rs`, loaded once per device through candle's module
+/// cache, and output buffers (poisoned on request).
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{
+        self, CudaFunction, CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig,
+    };
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::{DType, Result};
+
+    pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+    pub const ROTARY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx"));
+    pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+
+    /// `name_f32`, `name_bf16` or `name_f16` from module `module` (a PTX text above).
+    pub fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str, dtype: DType) -> Result<CudaFunction> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("{name}: no CUDA kernel for {other:?} (f32, bf16, f16)"),
+        };
+        Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), module, ptx)?.into_cuda_function())
+    }
+
+    /// An uninitialised device buffer of `len` elements, or one filled with 0xFF bytes (NaN in f32,
+    /// bf16 and f16) when [`super::poison_outputs`] is on.
+    pub fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every element is written by the kernel that receives this buffer (which the
+        // selftest checks by poisoning).
+        let mut buf = unsafe { dev.alloc::<T>(len)? };
+        if super::poison_outputs() {
+            let stream = dev.cuda_stream();
+            let bytes = buf.num_bytes();
+            let (ptr, _record) = buf.device_ptr_mut(&stream);
+            // SAFETY: `ptr` points at `bytes` bytes we own, on the stream the kernels run on.
+            unsafe { driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.w()?;
+        }
+        Ok(buf)
+    }
+
+    /// Warp-per-row launch: blocks of 8 warps, one row each.
+    pub fn warp_per_row(rows: usize) -> LaunchConfig {
+        const WARPS: usize = 8;
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(WARPS).max(1) as u32, 1, 1),
+            block_dim: (32, WARPS as u32, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Elementwise launch with a grid-stride loop inside the kernel.
+    pub fn elementwise(n: usize) -> LaunchConfig {
+        const THREADS: usize = 256;
+        // enough blocks to fill an H100 several times over; the kernels loop over the rest
+        let blocks = n.div_ceil(THREADS).clamp(1, 132 * 32);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! With `--features cuda`: compiles `kernels/*.cu` to PTX with nvcc into `OUT_DIR`, where
+//! `src/ops/mod.rs` embeds them with `include_str!`. Without the feature it does nothing.
+//!
+//! Why nvcc at build time rather than NVRTC at run time: candle-core's `cuda` feature already needs
+//! the same nvcc at build time for its own kernels (candle-kernels does exactly this), so it costs no
+//! new tool; kernel compile errors show up in `cargo build` on the CPU machine instead of on the scarce
+//! GPU machine; the binary needs no libnvrtc at run time and does not compile anything when it starts
+//! (the driver JIT-compiles the PTX for the card once, when the module is first loaded).
+//!
+//! Knobs: `CUDA_COMPUTE_CAP` (default 90 = H100/H200; the PTX targets `compute_<cap>`), `NVCC` (else
+//! `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH). `scripts/setup-cuda-build.sh` prints the exports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_ROOT", "NVCC_CCBIN"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
+    let cap = cap.trim().trim_start_matches("sm_").trim_start_matches("compute_").replace('.', "");
+    let nvcc =
+        std::env::var("NVCC").map(PathBuf::from).unwrap_or_else(|_| match std::env::var("CUDA_ROOT") {
+            Ok(root) => Path::new(&root).join("bin/nvcc"),
+            Err(_) => PathBuf::from("nvcc"),
+        });
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
+        .expect("kernels/ directory")
+        .map(|e| e.expect("kernels/ entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let ptx = out_dir.join(format!("{stem}.ptx"));
+        let mut cmd = Command::new(&nvcc);
+        cmd.arg("--ptx")
+            .arg(format!("-arch=compute_{cap}"))
+            .args(["-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+            .arg("-I")
+            .arg(&kernels)
+            .arg("-o")
+            .arg(&ptx)
+            .arg(&src);
+        if let Ok(ccbin) = std::env::var("NVCC_CCBIN") {
+            cmd.arg("-ccbin").arg(ccbin);
+        }
+        let status = cmd.status().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): the cuda feature needs nvcc; run scripts/setup-cuda-build.sh and eval its exports",
+                nvcc.display()
+            )
+        });
+        if !status.success() {
+            panic!("nvcc failed on {} ({status})", src.display());
+        }
+    }
+}

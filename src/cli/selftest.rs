@@ -1,0 +1,275 @@
+//! `candor selftest --device cpu|cuda`: every fused op against the same computation composed from
+//! plain candle ops, on random inputs on the chosen device, in f32 and bf16, forward and gradients.
+//!
+//! Output buffers of the fused ops are poisoned with NaN first (an element a kernel never writes
+//! fails), every forward runs twice and must give bit-identical results (races, reads of
+//! uninitialised memory), and the reference always runs in f32 on the same (dtype-rounded) inputs.
+//! Errors are relative to the reference's scale: max |ours − ref| / max |ref|.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::ops::{self, RotaryTable};
+
+#[derive(Debug, clap::Args)]
+pub struct SelftestArgs {
+    /// cpu or cuda (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seed of the random inputs (default: a fresh one, printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+type OpFn = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+
+struct Input {
+    name: &'static str,
+    dims: Vec<usize>,
+    /// Values uniform in `offset ± scale`.
+    scale: f32,
+    offset: f32,
+    /// Gets a gradient (checked) or is a constant (e.g. a frozen weight).
+    trainable: bool,
+}
+
+fn input(name: &'static str, dims: &[usize], scale: f32, trainable: bool) -> Input {
+    Input { name, dims: dims.to_vec(), scale, offset: 0.0, trainable }
+}
+
+struct Case {
+    op: String,
+    inputs: Vec<Input>,
+    ours: OpFn,
+    reference: OpFn,
+}
+
+struct Row {
+    op: String,
+    dtype: DType,
+    check: String,
+    abs_err: f32,
+    rel_err: f32,
+    tol: f32,
+    pass: bool,
+    note: &'static str,
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F32 {
+        1e-4
+    } else {
+        1e-2
+    }
+}
+
+/// Positions of packed rows: documents restart at 0 now and then.
+fn packed_positions(rng: &mut ChaCha8Rng, rows: usize, t: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(rows * t);
+    for _ in 0..rows {
+        let mut p = 0u32;
+        for _ in 0..t {
+            out.push(p);
+            p = if rng.random_range(0..9) == 0 { 0 } else { p + 1 };
+        }
+    }
+    out
+}
+
+fn rope_case(
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+    (b, t, h, d): (usize, usize, usize, usize),
+) -> anyhow::Result<Case> {
+    let positions = packed_positions(rng, b, t);
+    let len = *positions.iter().max().unwrap() as usize + 1;
+    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1e6f32.powf(-2.0 * i as f32 / d as f32)).collect();
+    let table = RotaryTable::new(&Tensor::new(inv_freq, dev)?, len)?;
+    let pos = Tensor::from_vec(positions, (b, t), dev)?;
+    let (table2, pos2) = (table.clone(), pos.clone());
+    Ok(Case {
+        op: format!("rope [{b},{t},{h},{d}]"),
+        inputs: vec![input("x", &[b, t, h, d], 2.0, true)],
+        ours: Box::new(move |a| ops::rope(&a[0], &table, &pos)),
+        reference: Box::new(move |a| ops::rotary::reference(&a[0], &table2, &pos2)),
+    })
+}
+
+fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for dims in [vec![3usize, 5, 33], vec![2, 37, 896], vec![2, 37, 14, 64]] {
+        let d = *dims.last().unwrap();
+        let mut w = input("weight", &[d], 0.5, true);
+        w.offset = 1.0;
+        cases.push(Case {
+            op: format!("rms_norm {}", format!("{dims:?}").replace(' ', "")),
+            inputs: vec![input("x", &dims, 2.0, true), w],
+            ours: Box::new(|a| ops::rms_norm(&a[0], &a[1], 1e-6)),
+            reference: Box::new(|a| ops::rms_norm::reference(&a[0], &a[1], 1e-6)),
+        });
+    }
+    for dims in [(1, 7, 3, 10), (2, 37, 14, 64), (2, 37, 2, 128)] {
+        cases.push(rope_case(rng, dev, dims)?);
+    }
+    for dims in [vec![1usize, 1001], vec![2, 37, 4864]] {
+        cases.push(Case {
+            op: format!("swiglu {}", format!("{dims:?}").replace(' ', "")),
+            inputs: vec![input("gate", &dims, 8.0, true), input("up", &dims, 2.0, true)],
+            ours: Box::new(|a| ops::swiglu(&a[0], &a[1])),
+            reference: Box::new(|a| ops::swiglu::reference(&a[0], &a[1])),
+        });
+    }
+    cases.push(Case {
+        op: "frozen_linear [2,37,96]x[80,96]".into(),
+        inputs: vec![input("x", &[2, 37, 96], 1.0, true), input("weight", &[80, 96], 0.2, false)],
+        ours: Box::new(|a| ops::frozen_linear(&a[0], &a[1], None)),
+        reference: Box::new(|a| a[0].broadcast_matmul(&a[1].t()?)),
+    });
+    let labels: Vec<u32> = (0..37).map(|_| rng.random_range(0..1000)).collect();
+    let labels = Tensor::new(labels, dev)?;
+    let labels2 = labels.clone();
+    cases.push(Case {
+        op: "linear_cross_entropy [37,64]x[1000,64]".into(),
+        inputs: vec![input("h", &[37, 64], 1.0, true), input("weight", &[1000, 64], 0.3, false)],
+        ours: Box::new(move |a| ops::linear_cross_entropy_sum(&a[0], &a[1], &labels)),
+        reference: Box::new(move |a| {
+            let logits = a[0].matmul(&a[1].t()?)?.to_dtype(DType::F32)?;
+            let max = logits.max_keepdim(D::Minus1)?.detach();
+            let shifted = logits.broadcast_sub(&max)?;
+            let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+            (lse - shifted.gather(&labels2.unsqueeze(1)?, 1)?)?.sum_all()
+        }),
+    });
+    Ok(cases)
+}
+
+fn errors(ours: &Tensor, reference: &Tensor) -> anyhow::Result<(f32, f32)> {
+    let a = ours.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = reference.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    anyhow::ensure!(a.len() == b.len(), "shapes {:?} and {:?} differ", ours.dims(), reference.dims());
+    let mut abs = 0f32;
+    let mut scale = 0f32;
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        // NaN (an unwritten, poisoned element) or inf makes the check fail
+        abs = if d.is_finite() { abs.max(d) } else { f32::INFINITY };
+        scale = scale.max(y.abs());
+    }
+    Ok((abs, abs / scale.max(1e-12)))
+}
+
+fn identical(a: &Tensor, b: &Tensor) -> anyhow::Result<bool> {
+    let a = a.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()))
+}
+
+fn run_case(case: &Case, dtype: DType, dev: &Device, rng: &mut ChaCha8Rng) -> anyhow::Result<Vec<Row>> {
+    let tol = tolerance(dtype);
+    let mut low = Vec::new();
+    let mut full = Vec::new();
+    for inp in &case.inputs {
+        let n: usize = inp.dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| inp.offset + rng.random_range(-inp.scale..inp.scale)).collect();
+        // both sides see the same dtype-rounded numbers
+        let t = Tensor::from_vec(v, inp.dims.as_slice(), dev)?.to_dtype(dtype)?;
+        let t32 = t.to_dtype(DType::F32)?;
+        if inp.trainable {
+            low.push(Var::from_tensor(&t)?.as_tensor().clone());
+            full.push(Var::from_tensor(&t32)?.as_tensor().clone());
+        } else {
+            low.push(t);
+            full.push(t32);
+        }
+    }
+    let row = |check: String, (abs_err, rel_err): (f32, f32), note: &'static str, ok: bool| Row {
+        op: case.op.clone(),
+        dtype,
+        check,
+        abs_err,
+        rel_err,
+        tol,
+        pass: ok && rel_err <= tol,
+        note,
+    };
+    let out = (case.ours)(&low)?;
+    let again = (case.ours)(&low.iter().map(Tensor::detach).collect::<Vec<_>>())?;
+    let out_ref = (case.reference)(&full)?;
+    let repeatable = identical(&out, &again)?;
+    let mut rows = vec![row(
+        "forward".into(),
+        errors(&out, &out_ref)?,
+        if repeatable { "" } else { "second run differs" },
+        repeatable,
+    )];
+    let r: Vec<f32> = (0..out.elem_count()).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let r = Tensor::from_vec(r, out.dims(), dev)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    let grads = (out.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    let grads_ref = (out_ref.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    for (i, inp) in case.inputs.iter().enumerate() {
+        if !inp.trainable {
+            continue;
+        }
+        let check = format!("grad {}", inp.name);
+        match (grads.get(&low[i]), grads_ref.get(&full[i])) {
+            (Some(g), Some(g_ref)) => rows.push(row(check, errors(g, g_ref)?, "", true)),
+            _ => rows.push(row(check, (f32::INFINITY, f32::INFINITY), "no gradient", false)),
+        }
+    }
+    Ok(rows)
+}
+
+pub fn run(args: SelftestArgs) -> anyhow::Result<()> {
+    let device = super::parse_device(&args.device)?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    ops::set_poison_outputs(true);
+    println!(
+        "candor selftest on {} (seed {seed}): fused ops vs the same math composed from candle ops (f32), outputs poisoned with NaN",
+        args.device
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let cases = cases(&mut rng, &device)?;
+    let mut rows = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for case in &cases {
+            match run_case(case, dtype, &device, &mut rng) {
+                Ok(r) => rows.extend(r),
+                Err(e) => rows.push(Row {
+                    op: case.op.clone(),
+                    dtype,
+                    check: format!("error: {}", crate::error::one_line(&format!("{e:#}"))),
+                    abs_err: f32::NAN,
+                    rel_err: f32::NAN,
+                    tol: tolerance(dtype),
+                    pass: false,
+                    note: "",
+                }),
+            }
+        }
+    }
+    let width = rows.iter().map(|r| r.op.len()).max().unwrap_or(2).max(2);
+    println!(
+        "{:width$}  {:5}  {:13}  {:>11}  {:>11}  {:>7}  result",
+        "op", "dtype", "check", "max abs err", "max rel err", "tol"
+    );
+    for r in &rows {
+        println!(
+            "{:width$}  {:5}  {:13}  {:>11.3e}  {:>11.3e}  {:>7.0e}  {}{}",
+            r.op,
+            r.dtype.as_str(),
+            r.check,
+            r.abs_err,
+            r.rel_err,
+            r.tol,
+            if r.pass { "pass" } else { "FAIL" },
+            if r.note.is_empty() { String::new() } else { format!(" ({})", r.note) }
+        );
+    }
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    if failed > 0 {
+        anyhow::bail!("selftest: {failed} of {} checks failed on {} (seed {seed})", rows.len(), args.device);
+    }
+    println!("all {} checks passed", rows.len());
+    Ok(())
+}

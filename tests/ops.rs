@@ -1,0 +1,438 @@
+//! Every fused op against the same computation composed from plain candle ops: forward values and
+//! gradients (candle backprop of `Σ out ⊙ R` for a random `R`), on fresh random inputs of awkward sizes
+//! (odd lengths and head counts, leading dims 1 and > 1, non-contiguous inputs), in f32, bf16 and f16;
+//! finite differences for RMSNorm and SwiGLU; frozen linear and linear cross-entropy likewise. Outputs
+//! are poisoned with NaN first, so an element an op forgets to write fails the comparison.
+//!
+//! Inputs come from a seed printed in every failure message; `CANDOR_TEST_SEED=N` replays one.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candor::ops::{self, RotaryTable};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn seed() -> u64 {
+    std::env::var("CANDOR_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
+}
+
+struct Inputs {
+    rng: ChaCha8Rng,
+    seed: u64,
+}
+
+impl Inputs {
+    fn new() -> Self {
+        ops::set_poison_outputs(true);
+        let seed = seed();
+        Inputs { rng: ChaCha8Rng::seed_from_u64(seed), seed }
+    }
+
+    /// Uniform in [-scale, scale), f32 on the CPU.
+    fn tensor(&mut self, dims: &[usize], scale: f32) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn var(&mut self, dims: &[usize], scale: f32) -> Var {
+        Var::from_tensor(&self.tensor(dims, scale)).unwrap()
+    }
+}
+
+/// max |a − b| and max |a − b| / max |b| (error relative to the tensor's scale), in f32.
+fn errors(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    assert_eq!(a.dims(), b.dims());
+    let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = max((&a - &b).unwrap());
+    let nan = a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().any(|v| !v.is_finite());
+    let diff = if nan { f32::INFINITY } else { diff };
+    (diff, diff / max(b).max(1e-12))
+}
+
+fn assert_close(what: &str, seed: u64, ours: &Tensor, theirs: &Tensor, tol: f32) {
+    let (abs, rel) = errors(ours, theirs);
+    assert!(
+        rel <= tol,
+        "{what}: max abs error {abs:.3e}, relative {rel:.3e} > {tol:.0e} (CANDOR_TEST_SEED={seed})"
+    );
+}
+
+/// Tolerance for comparing an op in `dtype` with the f32 reference.
+fn tol(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-5,
+        _ => 1e-2,
+    }
+}
+
+/// Compares `ours(inputs in dtype)` with `reference(inputs in f32)`: the value, then the gradient of
+/// `Σ out ⊙ R` with respect to every input. `inputs` are f32 variables (their values are rounded to
+/// `dtype` first, so both sides see the same numbers); `view` turns each variable into the op's argument
+/// (e.g. a transpose, for non-contiguous inputs).
+fn check<F, G>(
+    what: &str,
+    rng: &mut Inputs,
+    inputs: &[Var],
+    dtype: DType,
+    view: &dyn Fn(usize, &Tensor) -> Tensor,
+    ours: F,
+    reference: G,
+) where
+    F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    G: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+{
+    let seed = rng.seed;
+    // round the values to dtype once, so both sides start from identical inputs
+    let low: Vec<Var> =
+        inputs.iter().map(|v| Var::from_tensor(&v.as_tensor().to_dtype(dtype).unwrap()).unwrap()).collect();
+    let inputs: Vec<Var> =
+        low.iter().map(|v| Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()).collect();
+    let args_low: Vec<Tensor> = low.iter().enumerate().map(|(i, v)| view(i, v.as_tensor())).collect();
+    let args_f32: Vec<Tensor> = inputs.iter().enumerate().map(|(i, v)| view(i, v.as_tensor())).collect();
+    let out = ours(&args_low).unwrap();
+    let out_ref = reference(&args_f32).unwrap();
+    assert_eq!(out.dtype(), dtype, "{what}: output dtype");
+    assert_close(&format!("{what} {dtype:?} forward"), seed, &out, &out_ref, tol(dtype));
+
+    let r = rng.tensor(out.dims(), 1.0).to_dtype(dtype).unwrap();
+    let loss =
+        (out.to_dtype(DType::F32).unwrap() * r.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
+    let loss_ref = (out_ref * r.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let grads_ref = loss_ref.backward().unwrap();
+    for (i, (v, v_ref)) in low.iter().zip(&inputs).enumerate() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient for input {i}"));
+        let g_ref = grads_ref.get(v_ref.as_tensor()).unwrap();
+        assert_eq!(g.dtype(), dtype);
+        assert_close(&format!("{what} {dtype:?} gradient of input {i}"), seed, g, g_ref, tol(dtype));
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+fn plain(_: usize, t: &Tensor) -> Tensor {
+    t.clone()
+}
+
+#[test]
+fn rms_norm_matches_composed_reference() {
+    let mut rng = Inputs::new();
+    for dims in [vec![1, 3], vec![1, 7, 33], vec![3, 5, 64], vec![2, 3, 5, 17], vec![5, 1000]] {
+        for dtype in DTYPES {
+            let d = *dims.last().unwrap();
+            let x = rng.var(&dims, 2.0);
+            // the weight is a variable here, so its gradient is checked too
+            let w = Var::from_tensor(&(rng.tensor(&[d], 0.5) + 1.0).unwrap()).unwrap();
+            check(
+                &format!("rms_norm {dims:?}"),
+                &mut rng,
+                &[x, w],
+                dtype,
+                &plain,
+                |a| ops::rms_norm(&a[0], &a[1], 1e-6),
+                |a| ops::rms_norm::reference(&a[0], &a[1], 1e-6),
+            );
+        }
+    }
+}
+
+#[test]
+fn rms_norm_non_contiguous_input_and_frozen_weight() {
+    let mut rng = Inputs::new();
+    // x is the transpose of a variable: [9, 13] viewed as [13, 9]
+    let xt = rng.var(&[9, 13], 1.0);
+    let w = rng.tensor(&[9], 1.0);
+    let transposed = |i: usize, t: &Tensor| if i == 0 { t.t().unwrap() } else { t.clone() };
+    let wv = Var::from_tensor(&w).unwrap();
+    check(
+        "rms_norm transposed input",
+        &mut rng,
+        &[xt.clone(), wv],
+        DType::F32,
+        &transposed,
+        |a| ops::rms_norm(&a[0], &a[1], 1e-5),
+        |a| ops::rms_norm::reference(&a[0], &a[1], 1e-5),
+    );
+    // a plain tensor weight gets no gradient and is not even asked for
+    let y = ops::rms_norm(&xt.as_tensor().t().unwrap(), &w, 1e-5).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(xt.as_tensor()).is_some());
+    assert!(grads.get(&w).is_none());
+    // mismatched weight: an error, not a panic
+    assert!(ops::rms_norm(&rng.tensor(&[2, 5], 1.0), &rng.tensor(&[4], 1.0), 1e-5).is_err());
+}
+
+/// Positions of `rows` packed rows of `t` tokens: each row holds documents that restart at 0.
+fn packed_positions(rng: &mut Inputs, rows: usize, t: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(rows * t);
+    for _ in 0..rows {
+        let mut p = 0;
+        for _ in 0..t {
+            out.push(p);
+            p = if rng.rng.random_range(0..5) == 0 { 0 } else { p + 1 };
+        }
+    }
+    out
+}
+
+fn table(rng: &mut Inputs, half: usize, len: usize) -> RotaryTable {
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 10000f32.powf(-(i as f32) / half as f32) * rng.rng.random_range(0.5..1.5))
+        .collect();
+    RotaryTable::new(&Tensor::new(inv_freq, &Device::Cpu).unwrap(), len).unwrap()
+}
+
+#[test]
+fn rope_matches_composed_reference() {
+    let mut rng = Inputs::new();
+    for (b, t, h, d) in [(1, 7, 3, 8), (3, 5, 5, 34), (2, 9, 1, 2), (1, 1, 1, 64), (2, 33, 7, 128)] {
+        let positions = packed_positions(&mut rng, b, t);
+        let len = *positions.iter().max().unwrap() as usize + 1 + rng.rng.random_range(0..3);
+        let tab = table(&mut rng, d / 2, len);
+        let pos = Tensor::from_vec(positions, (b, t), &Device::Cpu).unwrap();
+        for dtype in DTYPES {
+            let x = rng.var(&[b, t, h, d], 3.0);
+            check(
+                &format!("rope [{b}, {t}, {h}, {d}]"),
+                &mut rng,
+                &[x],
+                dtype,
+                &plain,
+                |a| ops::rope(&a[0], &tab, &pos),
+                |a| ops::rotary::reference(&a[0], &tab, &pos),
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_non_contiguous_input_and_bad_positions() {
+    let mut rng = Inputs::new();
+    let (b, t, h, d) = (2, 6, 3, 10);
+    let positions = packed_positions(&mut rng, b, t);
+    let tab = table(&mut rng, d / 2, 16);
+    let pos = Tensor::from_vec(positions, (b, t), &Device::Cpu).unwrap();
+    // stored as [b, h, t, d], viewed as [b, t, h, d] (what attention's transposes produce)
+    let x = rng.var(&[b, h, t, d], 1.0);
+    check(
+        "rope transposed input",
+        &mut rng,
+        &[x],
+        DType::F32,
+        &|_, t: &Tensor| t.transpose(1, 2).unwrap(),
+        |a| ops::rope(&a[0], &tab, &pos),
+        |a| ops::rotary::reference(&a[0], &tab, &pos),
+    );
+    // a position beyond the table is an error naming it
+    let far = Tensor::from_vec(vec![0u32, 16], (1, 2), &Device::Cpu).unwrap();
+    let err = ops::rope(&rng.tensor(&[1, 2, 1, d], 1.0), &tab, &far).unwrap_err().to_string();
+    assert!(err.contains("position 16"), "{err}");
+    // odd head_dim and wrong position shapes are errors
+    assert!(ops::rope(&rng.tensor(&[1, 2, 1, 9], 1.0), &tab, &far).is_err());
+    assert!(ops::rope(&rng.tensor(&[1, 3, 1, d], 1.0), &tab, &far).is_err());
+}
+
+#[test]
+fn rope_backward_is_the_inverse_rotation() {
+    // rotating and then applying the backward to the output gives back the input (the map is orthogonal)
+    let mut rng = Inputs::new();
+    let (b, t, h, d) = (2, 5, 3, 16);
+    let tab = table(&mut rng, d / 2, t);
+    let pos =
+        Tensor::from_vec((0..(b * t) as u32).map(|i| i % t as u32).collect::<Vec<_>>(), (b, t), &Device::Cpu)
+            .unwrap();
+    let x = rng.var(&[b, t, h, d], 1.0);
+    let y = ops::rope(x.as_tensor(), &tab, &pos).unwrap();
+    // d(Σ y ⊙ y)/dx = 2 Rᵀ y = 2 x
+    let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let back = (g.get(x.as_tensor()).unwrap() * 0.5).unwrap();
+    assert_close("rope inverse", rng.seed, &back, x.as_tensor(), 1e-6);
+}
+
+#[test]
+fn swiglu_matches_composed_reference() {
+    let mut rng = Inputs::new();
+    for dims in [vec![1, 1], vec![3, 7, 129], vec![2, 5, 3, 11], vec![40_003]] {
+        for dtype in DTYPES {
+            // ±12 reaches both tails of the sigmoid
+            let gate = rng.var(&dims, 12.0);
+            let up = rng.var(&dims, 2.0);
+            check(
+                &format!("swiglu {dims:?}"),
+                &mut rng,
+                &[gate, up],
+                dtype,
+                &plain,
+                |a| ops::swiglu(&a[0], &a[1]),
+                |a| ops::swiglu::reference(&a[0], &a[1]),
+            );
+        }
+    }
+}
+
+#[test]
+fn swiglu_non_contiguous_and_one_sided() {
+    let mut rng = Inputs::new();
+    let gate = rng.var(&[7, 5], 4.0);
+    let up = rng.var(&[5, 7], 2.0);
+    check(
+        "swiglu transposed gate",
+        &mut rng,
+        &[gate, up],
+        DType::F32,
+        &|i, t: &Tensor| if i == 0 { t.t().unwrap() } else { t.clone() },
+        |a| ops::swiglu(&a[0], &a[1]),
+        |a| ops::swiglu::reference(&a[0], &a[1]),
+    );
+    // only `up` is a variable: it alone gets a gradient
+    let g = rng.tensor(&[3, 4], 2.0);
+    let u = rng.var(&[3, 4], 2.0);
+    let grads = ops::swiglu(&g, u.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let expected =
+        ops::swiglu::reference(&g, &Tensor::ones((3, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    assert_close("swiglu d_up", rng.seed, grads.get(u.as_tensor()).unwrap(), &expected, 1e-6);
+    assert!(grads.get(&g).is_none());
+    assert!(ops::swiglu(&g, &rng.tensor(&[4, 3], 1.0)).is_err());
+}
+
+/// Central differences of `loss(x) = Σ f(x) ⊙ R` (summed in f64) at `samples` entries of `x`, against
+/// the op's backward.
+fn finite_differences(
+    what: &str,
+    rng: &mut Inputs,
+    x: &Tensor,
+    f: &dyn Fn(&Tensor) -> Tensor,
+    step: f64,
+    samples: usize,
+) {
+    let r = rng.tensor(f(x).dims(), 1.0).to_dtype(DType::F64).unwrap();
+    let loss = |x: &Tensor| {
+        (f(x).to_dtype(DType::F64).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let var = Var::from_tensor(x).unwrap();
+    let analytic = {
+        let out = f(var.as_tensor());
+        let l = (out.to_dtype(DType::F64).unwrap() * &r).unwrap().sum_all().unwrap();
+        l.backward().unwrap().get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let scale = analytic.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let values = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for _ in 0..samples {
+        let i = rng.rng.random_range(0..values.len());
+        let at = |delta: f64| {
+            let mut v = values.clone();
+            v[i] = (v[i] as f64 + delta) as f32;
+            loss(&Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap())
+        };
+        let numeric = (at(step) - at(-step)) / (2.0 * step);
+        let err = (numeric - analytic[i] as f64).abs() / scale;
+        assert!(
+            err < 2e-3,
+            "{what}: d/dx[{i}] analytic {} numeric {numeric} (error {err:.2e} of scale {scale:.3}, CANDOR_TEST_SEED={})",
+            analytic[i],
+            rng.seed
+        );
+    }
+}
+
+#[test]
+fn rms_norm_and_swiglu_gradients_match_finite_differences() {
+    let mut rng = Inputs::new();
+    let x = rng.tensor(&[3, 13], 1.5);
+    let w = (rng.tensor(&[13], 0.5) + 1.0).unwrap();
+    finite_differences("rms_norm", &mut rng, &x, &|x| ops::rms_norm(x, &w, 1e-6).unwrap(), 1e-2, 30);
+    let up = rng.tensor(&[3, 13], 2.0);
+    let gate = rng.tensor(&[3, 13], 4.0);
+    finite_differences("swiglu gate", &mut rng, &gate, &|g| ops::swiglu(g, &up).unwrap(), 1e-2, 30);
+    let positions = Tensor::new(&[[0u32, 1, 2], [0, 0, 1]], &Device::Cpu).unwrap();
+    let tab = table(&mut rng, 4, 3);
+    let q = rng.tensor(&[2, 3, 2, 8], 1.0);
+    finite_differences("rope", &mut rng, &q, &|q| ops::rope(q, &tab, &positions).unwrap(), 1e-2, 30);
+}
+
+#[test]
+fn frozen_linear_matches_matmul_and_gives_the_weight_nothing() {
+    let mut rng = Inputs::new();
+    for (dims, out, bias) in [(vec![1, 5], 3, false), (vec![2, 7, 9], 11, true), (vec![3, 1, 2, 17], 1, true)]
+    {
+        let inp = *dims.last().unwrap();
+        let x = rng.var(&dims, 1.0);
+        // even as a variable, the weight gets no gradient from frozen_linear
+        let w = rng.var(&[out, inp], 1.0);
+        let b = rng.tensor(&[out], 1.0);
+        let b = bias.then_some(&b);
+        let y = ops::frozen_linear(x.as_tensor(), w.as_tensor(), b).unwrap();
+        let x_ref = Var::from_tensor(x.as_tensor()).unwrap();
+        let mut y_ref = x_ref.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        if let Some(b) = b {
+            y_ref = y_ref.broadcast_add(b).unwrap();
+        }
+        assert_close("frozen_linear forward", rng.seed, &y, &y_ref, 1e-5);
+        let r = rng.tensor(y.dims(), 1.0);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(
+            "frozen_linear dx",
+            rng.seed,
+            g.get(x.as_tensor()).unwrap(),
+            g_ref.get(x_ref.as_tensor()).unwrap(),
+            1e-5,
+        );
+        assert!(g.get(w.as_tensor()).is_none(), "frozen weight got a gradient");
+    }
+    // a non-contiguous input works (it is copied)
+    let xt = rng.var(&[6, 4], 1.0);
+    let w = rng.tensor(&[5, 6], 1.0);
+    let y = ops::frozen_linear(&xt.as_tensor().t().unwrap(), &w, None).unwrap();
+    let y_ref = xt.as_tensor().t().unwrap().matmul(&w.t().unwrap()).unwrap();
+    assert_close("frozen_linear transposed input", rng.seed, &y, &y_ref, 1e-5);
+    assert!(ops::frozen_linear(&xt.as_tensor().t().unwrap(), &rng.tensor(&[5, 7], 1.0), None).is_err());
+}
+
+#[test]
+fn linear_cross_entropy_matches_composed_loss() {
+    let mut rng = Inputs::new();
+    for (rows, hidden, vocab) in [(1, 3, 2), (13, 9, 101), (5, 16, 50_021)] {
+        let h = rng.var(&[rows, hidden], 1.0);
+        let w = rng.tensor(&[vocab, hidden], 0.5);
+        let labels: Vec<u32> = (0..rows).map(|_| rng.rng.random_range(0..vocab as u32)).collect();
+        let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+        let loss = ops::linear_cross_entropy_sum(h.as_tensor(), &w, &labels).unwrap();
+        let h_ref = Var::from_tensor(h.as_tensor()).unwrap();
+        let logits = h_ref.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let lse = logits.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+        let picked = logits.gather(&labels.unsqueeze(1).unwrap(), 1).unwrap();
+        let loss_ref = (lse - picked).unwrap().sum_all().unwrap();
+        assert_close("linear_cross_entropy loss", rng.seed, &loss, &loss_ref, 1e-5);
+        let g = loss.backward().unwrap();
+        let g_ref = loss_ref.backward().unwrap();
+        assert_close(
+            "linear_cross_entropy dh",
+            rng.seed,
+            g.get(h.as_tensor()).unwrap(),
+            g_ref.get(h_ref.as_tensor()).unwrap(),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn selftest_passes_on_cpu() {
+    let (code, out, err) = common::candor(&["selftest", "--device", "cpu"], &[]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("rms_norm") && out.contains("swiglu") && out.contains("rope"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn selftest_on_cuda_without_the_feature_is_one_clear_error() {
+    let (code, _, err) = common::candor(&["selftest", "--device", "cuda"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--features cuda"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
