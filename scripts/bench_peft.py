@@ -11,9 +11,10 @@ peak GPU memory (torch.cuda.max_memory_allocated and max_memory_reserved, from a
 parameter counts.
 
 usage: bench_peft.py MODEL_DIR [--batch 8] [--seq-len 1024] [--rank 16] [--steps 4] [--warmup 2]
-                     [--device cuda|cpu] [--json FILE]
+                     [--device cuda|cpu] [--dtype bf16|f32] [--json FILE]
 """
 import argparse
+import resource
 import json
 import statistics
 import time
@@ -34,12 +35,14 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     ap.add_argument("--json")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(dev)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(dev)
     n_base = sum(p.numel() for p in model.parameters())
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
                       task_type="CAUSAL_LM")
@@ -74,7 +77,9 @@ def main():
     summary = {
         "model": args.model,
         "device": args.device,
-        "dtype": "bf16",
+        "dtype": args.dtype,
+        # the whole process's peak resident memory (what the CPU comparison uses)
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "num_parameters": n_base,
         "num_lora_parameters": sum(p.numel() for p in trainable),
         "batch": args.batch,
