@@ -189,7 +189,10 @@ fn no_grad_builds_no_graph_and_changes_no_value() {
     assert_eq!(rel_err(&untracked, &tracked), 0.0);
     let vars = m.lora_vars();
     let grads = untracked.sum_all().unwrap().backward().unwrap();
-    assert!(vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_none()), "no_grad output reached a LoRA var");
+    assert!(
+        vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_none()),
+        "no_grad output reached a LoRA var"
+    );
     // the guard is gone: gradients flow again
     let again = m.hidden_states(&batch, None, false).unwrap();
     let grads = again.sum_all().unwrap().backward().unwrap();
