@@ -220,9 +220,14 @@ fn reading_files_reports_file_and_line() {
     std::fs::write(&empty, "\n").unwrap();
     assert!(read_rows(&empty).err().unwrap().to_string().contains("empty"));
 
-    // the real FalseReject test split: a JSON array of 1,187 rows without responses
+    // the real FalseReject test split: a JSON array of 1,187 rows without responses (in ../shared/data on
+    // our machines; skipped where it is absent)
     let test_split =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/falsereject_test.json");
+    if !test_split.is_file() {
+        eprintln!("skipping the real test split: {} not present", test_split.display());
+        return;
+    }
     let rows = read_rows(&test_split).unwrap();
     assert_eq!(rows.len(), 1187);
     let err =
