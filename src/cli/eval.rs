@@ -119,9 +119,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let model_args =
         super::ModelArgs { model: target.to_string(), device: a.device.clone(), dtype: a.dtype.clone() };
     let opts = model_args.load_options()?;
+    // prompts and judge first: bad eval input fails before the model is loaded
+    let evaluator = Evaluator::new(&cfg, &opts)?;
     let (loaded, name) = load_target(target, &opts)?;
     let tok = loaded.tokenizer()?;
-    let evaluator = Evaluator::new(&cfg, &opts)?;
     let out = a.out.clone().unwrap_or_else(|| {
         let stem = Path::new(target.trim_end_matches('/'))
             .file_name()
