@@ -28,15 +28,8 @@ pub struct JudgeArgs {
     pub device: String,
 }
 
-const CLASSES: [Verdict; 3] = [Verdict::FullCompliance, Verdict::Partial, Verdict::Refusal];
-
 fn class_name(v: Option<Verdict>) -> &'static str {
-    match v {
-        Some(Verdict::FullCompliance) => "full_compliance",
-        Some(Verdict::Partial) => "partial",
-        Some(Verdict::Refusal) => "refusal",
-        None => "unparsable",
-    }
+    v.map_or("unparsable", Verdict::as_str)
 }
 
 pub fn run(a: JudgeArgs) -> anyhow::Result<()> {
@@ -99,7 +92,7 @@ pub fn run(a: JudgeArgs) -> anyhow::Result<()> {
             "{:>16} {:>16} {:>8} {:>8} {:>11}",
             "", "full_compliance", "partial", "refusal", "unparsable"
         );
-        for l in CLASSES {
+        for l in Verdict::ALL {
             let count = |v: Option<Verdict>| labelled.iter().filter(|(x, y)| *x == l && *y == v).count();
             eprintln!(
                 "{:>16} {:>16} {:>8} {:>8} {:>11}",

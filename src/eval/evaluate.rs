@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::generate::{generate_batch, SamplingOptions};
+pub use super::judge::strip_thinking;
 use super::judge::{HttpJudge, HttpJudgeConfig, Judge, RulesJudge};
 use super::metrics::{self, Metrics};
 use super::model_judge::ModelJudge;
@@ -330,14 +331,6 @@ impl Evaluator {
             responses,
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         })
-    }
-}
-
-/// The answer after the last `</think>` (the whole text when there is none).
-pub fn strip_thinking(response: &str) -> &str {
-    match response.rfind("</think>") {
-        Some(i) => response[i + "</think>".len()..].trim_start(),
-        None => response,
     }
 }
 

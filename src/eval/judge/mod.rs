@@ -136,6 +136,14 @@ pub fn split_judge_message(user: &str) -> Option<(&str, &str)> {
     Some((&user[start..middle], &user[response_start..end]))
 }
 
+/// The answer after the last `</think>` (the whole text when there is none).
+pub fn strip_thinking(response: &str) -> &str {
+    match response.rfind("</think>") {
+        Some(i) => response[i + "</think>".len()..].trim_start(),
+        None => response,
+    }
+}
+
 /// The verdict in a judge's output: the LAST `[[...]]` mapped with [`Verdict::parse_label`]
 /// (case- and space-insensitive). No brackets, or an unknown label in the last pair → `None`.
 pub fn parse_verdict(text: &str) -> Option<Verdict> {

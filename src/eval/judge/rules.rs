@@ -70,11 +70,7 @@ impl Judge for RulesJudge {
 /// The final answer: after a reasoning block, with typographic quotes and dashes made plain, and an
 /// answer wrapped whole in quotes unwrapped.
 fn answer_text(response: &str) -> String {
-    let mut text = match response.rfind("</think>") {
-        Some(i) => &response[i + "</think>".len()..],
-        None => response,
-    }
-    .to_string();
+    let mut text = super::strip_thinking(response).to_string();
     for (from, to) in [
         ('\u{2019}', "'"),
         ('\u{2018}', "'"),
