@@ -436,3 +436,30 @@ fn selftest_on_cuda_without_the_feature_is_one_clear_error() {
     assert!(err.contains("--features cuda"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn bit_mask_dropout_equals_the_composed_mask_exactly() {
+    use rand::{Rng, SeedableRng};
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 129), &dev).unwrap()).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (37, 129), &dev).unwrap();
+    let keep = 0.9;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let fused =
+        candor::ops::dropout::dropout_cpu(&x, (1.0 / keep) as f32, || rng.random::<f64>() < keep).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+        .collect();
+    let composed = (x.as_tensor() * Tensor::from_vec(mask, x.shape(), &dev).unwrap()).unwrap();
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    assert!(bits(&fused) == bits(&composed), "dropout values differ from the composed mask");
+    let zeros = bits(&fused).iter().filter(|&&b| b == 0).count();
+    assert!(zeros > 200 && zeros < 800, "about 10% dropped: {zeros} of {}", x.elem_count());
+    let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_comp = (composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, b) = (g_fused.get(x.as_tensor()).unwrap(), g_comp.get(x.as_tensor()).unwrap());
+    assert!(bits(a) == bits(b), "dropout gradients differ from the composed mask's");
+}

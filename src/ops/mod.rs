@@ -9,6 +9,7 @@
 //! CPU kernels compute in f32 whatever the storage dtype (f32, bf16, f16) and round once on output;
 //! the CUDA kernels do the same (f32, bf16, f16).
 
+pub mod dropout;
 pub mod frozen_linear;
 pub mod linear_cross_entropy;
 pub mod rms_norm;
