@@ -85,6 +85,24 @@ fn check<F, G>(
     F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
     G: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
 {
+    check_to(what, rng, inputs, dtype, view, ours, reference, tol(dtype))
+}
+
+/// [`check`] with an explicit relative tolerance.
+#[allow(clippy::too_many_arguments)]
+fn check_to<F, G>(
+    what: &str,
+    rng: &mut Inputs,
+    inputs: &[Var],
+    dtype: DType,
+    view: &dyn Fn(usize, &Tensor) -> Tensor,
+    ours: F,
+    reference: G,
+    tol: f32,
+) where
+    F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    G: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+{
     let seed = rng.seed;
     // round the values to dtype once, so both sides start from identical inputs
     let low: Vec<Var> =
@@ -96,7 +114,7 @@ fn check<F, G>(
     let out = ours(&args_low).unwrap();
     let out_ref = reference(&args_f32).unwrap();
     assert_eq!(out.dtype(), dtype, "{what}: output dtype");
-    assert_close(&format!("{what} {dtype:?} forward"), seed, &out, &out_ref, tol(dtype));
+    assert_close(&format!("{what} {dtype:?} forward"), seed, &out, &out_ref, tol);
 
     let r = rng.tensor(out.dims(), 1.0).to_dtype(dtype).unwrap();
     let loss =
@@ -108,7 +126,7 @@ fn check<F, G>(
         let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient for input {i}"));
         let g_ref = grads_ref.get(v_ref.as_tensor()).unwrap();
         assert_eq!(g.dtype(), dtype);
-        assert_close(&format!("{what} {dtype:?} gradient of input {i}"), seed, g, g_ref, tol(dtype));
+        assert_close(&format!("{what} {dtype:?} gradient of input {i}"), seed, g, g_ref, tol);
     }
 }
 
@@ -462,4 +480,135 @@ fn bit_mask_dropout_equals_the_composed_mask_exactly() {
     let g_comp = (composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
     let (a, b) = (g_fused.get(x.as_tensor()).unwrap(), g_comp.get(x.as_tensor()).unwrap());
     assert!(bits(a) == bits(b), "dropout gradients differ from the composed mask's");
+}
+
+#[test]
+fn lora_linear_matches_the_composed_layer() {
+    use candor::ops::lora_linear::{self, DropoutMask};
+    let mut rng = Inputs::new();
+    // (x dims, out, r, bias, dropout)
+    for (dims, out, r, bias, dropout) in [
+        (vec![1, 5], 3, 1, false, false),
+        (vec![2, 7, 9], 11, 4, true, false),
+        (vec![3, 13, 17], 6, 3, false, true),
+        (vec![1, 33, 40], 24, 16, true, true),
+    ] {
+        let inp = *dims.last().unwrap();
+        let x = rng.var(&dims, 1.0);
+        let a = rng.var(&[r, inp], 0.5);
+        let b = rng.var(&[out, r], 0.5);
+        let w = rng.tensor(&[out, inp], 0.5);
+        let bias_t = rng.tensor(&[out], 1.0);
+        let bias = bias.then_some(&bias_t);
+        let n: usize = dims.iter().product();
+        let mask = dropout.then(|| DropoutMask::draw(n, 1.25, || rng.rng.random::<f64>() < 0.8));
+        let what = format!("lora_linear {dims:?}→{out} r={r} bias={} dropout={dropout}", bias.is_some());
+        check(
+            &what,
+            &mut rng,
+            &[x, a, b],
+            DType::F32,
+            &plain,
+            |t| lora_linear::lora_linear(&t[0], &w, bias, &t[1], &t[2], 1.5, mask.clone()),
+            |t| lora_linear::reference(&t[0], &w, bias, &t[1], &t[2], 1.5, mask.as_ref()),
+        );
+    }
+    // an input that needs no gradient (layer 0 reads the frozen embeddings) still trains A and B
+    let x = rng.tensor(&[4, 6], 1.0);
+    let (a, b) = (rng.var(&[2, 6], 0.5), rng.var(&[5, 2], 0.5));
+    let w = rng.tensor(&[5, 6], 0.5);
+    let y = lora_linear::lora_linear(&x, &w, None, a.as_tensor(), b.as_tensor(), 2.0, None).unwrap();
+    let y_ref = lora_linear::reference(&x, &w, None, a.as_tensor(), b.as_tensor(), 2.0, None).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let g_ref = y_ref.sum_all().unwrap().backward().unwrap();
+    for v in [&a, &b] {
+        assert_close("lora_linear frozen input", rng.seed, g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-5);
+    }
+    // shapes that do not fit are an error
+    assert!(lora_linear::lora_linear(&x, &w, None, b.as_tensor(), a.as_tensor(), 2.0, None).is_err());
+    assert!(lora_linear::lora_linear(
+        &x.to_dtype(DType::BF16).unwrap(),
+        &w,
+        None,
+        a.as_tensor(),
+        b.as_tensor(),
+        2.0,
+        None
+    )
+    .is_err());
+}
+
+/// `[b, 1, t, keys]` additive bias: causal over the last `t` keys (earlier keys are a cache), with
+/// padding on the left of some rows, so some query rows see no key at all.
+fn causal_padded_bias(rng: &mut Inputs, b: usize, t: usize, keys: usize) -> Tensor {
+    let past = keys - t;
+    let mut bias = vec![0f32; b * t * keys];
+    for row in 0..b {
+        let pad = rng.rng.random_range(0..=t.min(3));
+        for q in 0..t {
+            for k in 0..keys {
+                let allowed = k < past || (k - past <= q && k - past >= pad);
+                if !allowed {
+                    bias[(row * t + q) * keys + k] = f32::MIN;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (b, 1, t, keys), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_matches_the_composed_reference() {
+    use candor::ops::attention;
+    let mut rng = Inputs::new();
+    // (b, heads, kv heads, t, keys, d, bias)
+    for (b, nh, nkv, t, keys, d, bias) in [
+        (1, 1, 1, 1, 2, 4, false),
+        (2, 6, 2, 7, 7, 8, true),
+        (3, 4, 1, 5, 9, 16, true),
+        (1, 3, 3, 13, 13, 5, false),
+        (2, 9, 3, 33, 33, 64, true),
+        // several blocks of 64 query rows, each computing only the keys its rows can see
+        (2, 2, 1, 130, 130, 8, true),
+        (1, 2, 2, 70, 75, 4, true),
+        (1, 1, 1, 65, 65, 3, false),
+    ] {
+        let bias = bias.then(|| causal_padded_bias(&mut rng, b, t, keys));
+        for transposed in [false, true] {
+            // as the decoder passes them: views of [b, len, heads, d] storage, or contiguous
+            let shapes = if transposed {
+                [vec![b, t, nh, d], vec![b, keys, nkv, d], vec![b, keys, nkv, d]]
+            } else {
+                [vec![b, nh, t, d], vec![b, nkv, keys, d], vec![b, nkv, keys, d]]
+            };
+            let inputs: Vec<Var> = shapes.iter().map(|s| rng.var(s, 1.0)).collect();
+            let view = |_: usize, x: &Tensor| if transposed { x.transpose(1, 2).unwrap() } else { x.clone() };
+            let what =
+                format!("attention b={b} heads={nh}/{nkv} t={t} keys={keys} d={d} transposed={transposed}");
+            // the softmax backward subtracts nearly equal terms (dP − rowsum(dO ⊙ O)): both sides round
+            // differently at the 1e-6 level relative to the largest gradient
+            check_to(
+                &what,
+                &mut rng,
+                &inputs,
+                DType::F32,
+                &view,
+                |x| attention::attention(&x[0], &x[1], &x[2], bias.as_ref()),
+                |x| {
+                    attention::reference(&x[0], &x[1], &x[2], bias.as_ref())?.transpose(1, 2)?.reshape((
+                        b,
+                        t,
+                        nh * d,
+                    ))
+                },
+                1e-4,
+            );
+        }
+    }
+    let q = rng.tensor(&[1, 3, 2, 4], 1.0);
+    let k = rng.tensor(&[1, 2, 2, 4], 1.0);
+    assert!(attention::attention(&q, &k, &k, None).is_err(), "3 heads over 2 KV heads");
+    let bad_bias = rng.tensor(&[1, 1, 2, 3], 1.0);
+    let k = rng.tensor(&[1, 1, 2, 4], 1.0);
+    assert!(attention::attention(&q, &k, &k, Some(&bad_bias)).is_err());
 }

@@ -13,7 +13,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::error::{CandorError, Result};
-use crate::ops::frozen_linear;
+use crate::ops::dropout::DropoutMask;
+use crate::ops::{frozen_linear, lora_linear};
 
 /// The seven projection names a decoder layer has.
 pub const ALL_LINEAR: &[&str] =
@@ -197,14 +198,15 @@ impl LoraLinear {
 
     /// `dropout_rng` is `Some` in training mode.
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
-        let y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
-        let Some(lora) = &self.lora else { return Ok(y) };
-        let in_f = self.in_features();
-        let rows = x.elem_count() / in_f;
-        let mut h = x.reshape((rows, in_f))?.to_dtype(DType::F32)?;
-        if let (Some(rng), true) = (dropout_rng, lora.dropout > 0.0) {
-            h = apply_dropout(&h, lora.dropout, rng)?;
-        }
+        let Some(lora) = &self.lora else { return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?) };
+        // one draw per input element, in order, whichever path runs: the same seed gives the same masks
+        let mask = match (dropout_rng, lora.dropout > 0.0) {
+            (Some(rng), true) => {
+                let keep = 1.0 - lora.dropout;
+                Some(DropoutMask::draw(x.elem_count(), (1.0 / keep) as f32, || rng.random::<f64>() < keep))
+            }
+            _ => None,
+        };
         // under no_grad the LoRA weights enter as plain tensors, so no autograd graph is built and every
         // activation is freed as soon as it is used
         let (a, b) = if NO_GRAD.with(Cell::get) {
@@ -212,10 +214,11 @@ impl LoraLinear {
         } else {
             (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
         };
-        // scale the rank-r intermediate, not the full-width output
-        let delta = h.matmul(&a.t()?)?.affine(lora.scale, 0.0)?.matmul(&b.t()?)?;
-        let delta = delta.to_dtype(y.dtype())?.reshape(y.shape())?;
-        Ok((y + delta)?)
+        let bias = self.bias.as_ref();
+        if lora_linear::supported(x, &self.weight, bias) {
+            return Ok(lora_linear::lora_linear(x, &self.weight, bias, &a, &b, lora.scale, mask)?);
+        }
+        Ok(lora_linear::reference(x, &self.weight, bias, &a, &b, lora.scale, mask.as_ref())?)
     }
 
     /// `W + scale · B·A`, computed in f32 (the merge used by export).
@@ -246,20 +249,6 @@ impl Drop for NoGradGuard {
         let previous = self.0;
         NO_GRAD.with(|c| c.set(previous));
     }
-}
-
-/// Inverted dropout with a mask drawn from our own seeded RNG, so runs are reproducible and resumable.
-fn apply_dropout(x: &Tensor, p: f64, rng: &mut DropoutRng) -> Result<Tensor> {
-    let keep = 1.0 - p;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        // the same draws as below, with the mask kept as bits
-        return Ok(crate::ops::dropout::dropout_cpu(x, (1.0 / keep) as f32, || rng.random::<f64>() < keep)?);
-    }
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x * mask)?)
 }
 
 /// PEFT's tensor name for a module's A or B matrix.

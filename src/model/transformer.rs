@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 
 use super::config::ModelConfig;
 use super::input::{TokenBatch, IGNORE_INDEX};
 use super::lora::{init_rng, DropoutRng, LoraConfig, LoraLinear};
 use crate::error::{CandorError, Result};
-use crate::ops::{frozen_linear, linear_cross_entropy_sum, rope, swiglu, RotaryTable};
+use crate::ops::{attention, frozen_linear, linear_cross_entropy_sum, rope, swiglu, RotaryTable};
 
 #[derive(Debug)]
 pub struct Attention {
@@ -340,8 +340,7 @@ impl Transformer {
             }
             None => (k, v),
         };
-        let attn = attention(&q, &k, &v, bias, nkv)?; // [b, nh, t, hd]
-        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let attn = attention(&q, &k, &v, bias)?; // [b, t, nh · hd]
         let x = (x + a.o_proj.forward(&attn, rng.as_deref_mut())?)?;
 
         let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
@@ -415,23 +414,4 @@ impl Transformer {
 /// (the fused op in [`crate::ops::rms_norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(crate::ops::rms_norm(x, weight, eps)?)
-}
-
-/// Scaled dot-product attention with grouped KV heads, without copying K and V per query head:
-/// the query heads that share a KV head are stacked along the sequence axis.
-/// `q: [b, nh, t, d]`, `k, v: [b, nkv, tk, d]`, `bias: [b, 1, t, tk]` → `[b, nh, t, d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, nkv: usize) -> Result<Tensor> {
-    let (b, nh, t, d) = q.dims4()?;
-    let tk = k.dim(2)?;
-    let rep = nh / nkv;
-    // scale q (t·d values) rather than the scores (t·tk values)
-    let qg = q.affine(1.0 / (d as f64).sqrt(), 0.0)?.reshape((b, nkv, rep * t, d))?;
-    let scores = qg.matmul(&k.transpose(2, 3)?.contiguous()?)?;
-    let mut scores = scores.to_dtype(DType::F32)?.reshape((b, nh, t, tk))?;
-    if let Some(bias) = bias {
-        scores = scores.broadcast_add(bias)?;
-    }
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
-    let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v.contiguous()?)?;
-    Ok(out.reshape((b, nh, t, d))?)
 }

@@ -11,24 +11,57 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-/// Multiplies element `i` by `scale` where bit `i` of `bits` is set, else by zero (a multiplication, so
-/// signed zeros come out as the composed `x * mask` gives them).
-#[derive(Clone)]
-struct MaskScale {
-    bits: Arc<Vec<u64>>,
-    scale: f32,
+/// A dropout mask: element `i` is kept and multiplied by `scale` when bit `i` of `bits` is set, else
+/// multiplied by zero (a multiplication, so signed zeros come out as the composed `x * mask` gives them).
+#[derive(Clone, Debug)]
+pub struct DropoutMask {
+    pub bits: Arc<Vec<u64>>,
+    pub scale: f32,
 }
 
-impl MaskScale {
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| v * if self.bits[i / 64] >> (i % 64) & 1 == 1 { self.scale } else { 0.0 })
-            .collect()
+impl DropoutMask {
+    /// Draws one `keep()` per element, in order.
+    pub fn draw(len: usize, scale: f32, mut keep: impl FnMut() -> bool) -> Self {
+        let mut bits = vec![0u64; len.div_ceil(64)];
+        for i in 0..len {
+            if keep() {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        DropoutMask { bits: Arc::new(bits), scale }
+    }
+
+    /// How many elements the mask covers.
+    pub fn len(&self) -> usize {
+        self.bits.len() * 64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.is_empty()
+    }
+
+    /// The factor for element `i`: `scale` or 0.
+    #[inline]
+    pub fn factor(&self, i: usize) -> f32 {
+        if self.bits[i / 64] >> (i % 64) & 1 == 1 {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        x.iter().enumerate().map(|(i, &v)| v * self.factor(i)).collect()
+    }
+
+    /// The mask as an f32 tensor of `shape` (for composed references).
+    pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.elem_count()).map(|i| self.factor(i)).collect();
+        Tensor::from_vec(v, shape, device)
     }
 }
 
-impl CustomOp1 for MaskScale {
+impl CustomOp1 for DropoutMask {
     fn name(&self) -> &'static str {
         "candor-dropout"
     }
@@ -40,8 +73,8 @@ impl CustomOp1 for MaskScale {
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("dropout: input must be contiguous")
         };
-        if end - start > self.bits.len() * 64 {
-            candle_core::bail!("dropout: {} elements for a mask of {}", end - start, self.bits.len() * 64);
+        if end - start > self.len() {
+            candle_core::bail!("dropout: {} elements for a mask of {}", end - start, self.len());
         }
         Ok((CpuStorage::F32(self.apply(&data[start..end])), l.shape().clone()))
     }
@@ -53,16 +86,9 @@ impl CustomOp1 for MaskScale {
 }
 
 /// Dropout of `x` (f32, CPU) keeping element `i` when `keep(i)` is true, scaled by `scale`.
-pub fn dropout_cpu(x: &Tensor, scale: f32, mut keep: impl FnMut() -> bool) -> Result<Tensor> {
+pub fn dropout_cpu(x: &Tensor, scale: f32, keep: impl FnMut() -> bool) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         candle_core::bail!("dropout_cpu: f32 on the CPU only, got {:?} on {:?}", x.dtype(), x.device());
     }
-    let n = x.elem_count();
-    let mut bits = vec![0u64; n.div_ceil(64)];
-    for i in 0..n {
-        if keep() {
-            bits[i / 64] |= 1 << (i % 64);
-        }
-    }
-    x.contiguous()?.apply_op1(MaskScale { bits: Arc::new(bits), scale })
+    x.contiguous()?.apply_op1(DropoutMask::draw(x.elem_count(), scale, keep))
 }

@@ -9,9 +9,12 @@
 //! CPU kernels compute in f32 whatever the storage dtype (f32, bf16, f16) and round once on output;
 //! the CUDA kernels do the same (f32, bf16, f16).
 
+pub mod attention;
+mod cpu_gemm;
 pub mod dropout;
 pub mod frozen_linear;
 pub mod linear_cross_entropy;
+pub mod lora_linear;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
@@ -21,8 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Layout, Result};
 use half::{bf16, f16};
 
+pub use attention::attention;
 pub use frozen_linear::frozen_linear;
 pub use linear_cross_entropy::linear_cross_entropy_sum;
+pub use lora_linear::lora_linear;
 pub use rms_norm::rms_norm;
 pub use rotary::{rope, RotaryTable};
 pub use swiglu::swiglu;

@@ -1,0 +1,424 @@
+//! Scaled dot-product attention with grouped KV heads and an additive bias, as one op.
+//!
+//! Composed from candle ops, attention leaves in the graph a scaled copy of q, contiguous copies of K
+//! and V, the scores, the biased scores, the probabilities and a transposed copy of the output: five
+//! `[heads × t × keys]`-sized or `[t × hidden]`-sized tensors per layer, kept until the step ends. This
+//! op keeps nothing but its inputs and output. The probabilities are recomputed in the backward (as
+//! FlashAttention does), heads are read from `[batch, seq, heads, dim]` storage through their strides,
+//! and the output is written straight into the `[batch, seq, heads · dim]` layout the output projection
+//! reads.
+//!
+//! CPU, f32: each (row, KV head) pair is one task with its own `t × keys` scratch. Other devices and
+//! dtypes use [`reference`], the composed version the tests compare this op against.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu_gemm::{gemm, Threads, View};
+
+/// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
+/// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
+/// `[b, 1, t, keys]` (f32; added to the scores). Returns `[b, t, heads · d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (kb, nkv, tk, kd) = k.dims4()?;
+    if kb != b || kd != d || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit (heads must be a multiple of KV heads)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [b, 1, t, tk] || bias.dtype() != DType::F32 {
+            candle_core::bail!(
+                "attention: bias {:?} {:?}, expected f32 [{b}, 1, {t}, {tk}]",
+                bias.dims(),
+                bias.dtype()
+            );
+        }
+    }
+    let fused = q.device().is_cpu() && [q, k, v].iter().all(|x| x.dtype() == DType::F32);
+    if !fused {
+        return reference(q, k, v, bias)?.transpose(1, 2)?.reshape((b, t, nh * d));
+    }
+    let op = Attention { bias: bias.map(Tensor::contiguous).transpose()?, scale: 1.0 / (d as f32).sqrt() };
+    let out = last_dim_contiguous(q)?.apply_op3(&last_dim_contiguous(k)?, &last_dim_contiguous(v)?, op)?;
+    out.reshape((b, t, nh * d))
+}
+
+/// The composed version: `[b, heads, t, d]`. The query heads that share a KV head are stacked along the
+/// sequence axis, so K and V are not copied per query head.
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (nkv, tk) = (k.dim(1)?, k.dim(2)?);
+    let rep = nh / nkv;
+    // scale q (t·d values) rather than the scores (t·tk values)
+    let qg = q.affine(1.0 / (d as f64).sqrt(), 0.0)?.reshape((b, nkv, rep * t, d))?;
+    let scores = qg.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+    let mut scores = scores.to_dtype(DType::F32)?.reshape((b, nh, t, tk))?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
+    let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v.contiguous()?)?;
+    out.reshape((b, nh, t, d))
+}
+
+fn last_dim_contiguous(x: &Tensor) -> Result<Tensor> {
+    let (_, l) = x.storage_and_layout();
+    if l.stride().last() == Some(&1) {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
+}
+
+struct Attention {
+    bias: Option<Tensor>,
+    scale: f32,
+}
+
+/// Where one head's `[len, d]` matrix sits: element `(i, j)` of head `h` in row `n` is
+/// `data[offset + n·s0 + h·s1 + i·s2 + j]`.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    data: &'a [f32],
+    offset: usize,
+    s0: usize,
+    s1: usize,
+    s2: usize,
+}
+
+impl<'a> Heads<'a> {
+    fn new(data: &'a [f32], l: &Layout, what: &str) -> Result<Self> {
+        let st = l.stride();
+        if st.len() != 4 || st[3] != 1 {
+            candle_core::bail!("attention: {what} needs a contiguous last dimension (layout {l:?})");
+        }
+        Ok(Heads { data, offset: l.start_offset(), s0: st[0], s1: st[1], s2: st[2] })
+    }
+
+    fn head(&self, n: usize, h: usize) -> View<'a> {
+        View::rows(self.data, self.offset + n * self.s0 + h * self.s1, self.s2)
+    }
+
+    fn head_t(&self, n: usize, h: usize) -> View<'a> {
+        View::rows_t(self.data, self.offset + n * self.s0 + h * self.s1, self.s2)
+    }
+}
+
+/// The shapes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    tk: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(ql: &Layout, kl: &Layout) -> Result<Dims> {
+        let (b, nh, t, d) = ql.shape().dims4()?;
+        let (_, nkv, tk, _) = kl.shape().dims4()?;
+        Ok(Dims { b, nh, nkv, t, tk, d })
+    }
+
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+}
+
+/// Query rows per block. A block computes scores only up to the last key any of its rows may see, so
+/// under a causal mask about 40% of the score and value products (and their exponentials) are skipped.
+const BLOCK: usize = 64;
+
+/// A masked score: the bias is `f32::MIN` (or −∞) there, so its probability is exactly zero whenever
+/// its row has any visible key.
+fn masked(bias: f32) -> bool {
+    bias <= f32::MIN
+}
+
+/// One call's inputs on the CPU.
+struct Ctx<'a> {
+    dims: Dims,
+    q: Heads<'a>,
+    k: Heads<'a>,
+    v: Heads<'a>,
+    bias: Option<&'a [f32]>,
+    scale: f32,
+    /// Per batch row and block of query rows: how many leading keys the block's rows can see.
+    extents: Vec<usize>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        dims: Dims,
+        q: Heads<'a>,
+        k: Heads<'a>,
+        v: Heads<'a>,
+        bias: Option<&'a [f32]>,
+        scale: f32,
+    ) -> Self {
+        let Dims { b, t, tk, .. } = dims;
+        let blocks = t.div_ceil(BLOCK);
+        let mut extents = vec![tk; b * blocks];
+        if let Some(bias) = bias {
+            for n in 0..b {
+                for blk in 0..blocks {
+                    let mut ext = 0;
+                    for i in blk * BLOCK..t.min((blk + 1) * BLOCK) {
+                        let row = &bias[(n * t + i) * tk..][..tk];
+                        // a row that sees nothing gets a uniform softmax over every key, as composed
+                        ext = ext.max(row.iter().rposition(|&x| !masked(x)).map_or(tk, |p| p + 1));
+                    }
+                    extents[n * blocks + blk] = ext;
+                }
+            }
+        }
+        Ctx { dims, q, k, v, bias, scale, extents }
+    }
+
+    /// `(first row, rows, visible keys)` for each block of query rows of batch row `n`.
+    fn blocks(&self, n: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let t = self.dims.t;
+        let blocks = t.div_ceil(BLOCK);
+        (0..blocks).map(move |blk| (blk * BLOCK, BLOCK.min(t - blk * BLOCK), self.extents[n * blocks + blk]))
+    }
+
+    /// Softmax probabilities of query head `h` in row `n` into `p` (`[t, tk]`; zero past each block's
+    /// visible keys).
+    fn probs(&self, n: usize, h: usize, p: &mut [f32]) {
+        let Dims { t, tk, d, .. } = self.dims;
+        let g = h / self.dims.rep();
+        for (i0, rows, ext) in self.blocks(n) {
+            let mut q = self.q.head(n, h);
+            q.offset += i0 * q.rs;
+            gemm(rows, ext, d, p, i0 * tk, tk, false, q, self.k.head_t(n, g), self.scale, Threads::One);
+            for i in i0..i0 + rows {
+                let row = &mut p[i * tk..][..tk];
+                row[ext..].fill(0.0);
+                let row = &mut row[..ext];
+                if let Some(bias) = self.bias {
+                    let brow = &bias[(n * t + i) * tk..][..ext];
+                    row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    let z = *s - max;
+                    // below −104, exp underflows to exactly 0 in f32; masked scores land here, and
+                    // skipping libm's slow underflow path for them changes no value
+                    *s = if z < -104.0 { 0.0 } else { z.exp() };
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+        }
+    }
+
+    /// The `[rep, t, d]` outputs of the query heads on KV head `g` of row `n`.
+    fn forward_task(&self, n: usize, g: usize) -> Vec<f32> {
+        let Dims { t, tk, d, .. } = self.dims;
+        let rep = self.dims.rep();
+        let mut p = vec![0f32; t * tk];
+        let mut o = vec![0f32; rep * t * d];
+        for j in 0..rep {
+            self.probs(n, g * rep + j, &mut p);
+            for (i0, rows, ext) in self.blocks(n) {
+                let pv = View::rows(&p, i0 * tk, tk);
+                gemm(
+                    rows,
+                    d,
+                    ext,
+                    &mut o,
+                    (j * t + i0) * d,
+                    d,
+                    false,
+                    pv,
+                    self.v.head(n, g),
+                    1.0,
+                    Threads::One,
+                );
+            }
+        }
+        o
+    }
+
+    /// `(dq [rep, t, d], dk [tk, d], dv [tk, d])` for KV head `g` of row `n`, given the output `o` and its
+    /// gradient `go` (both `[b, t, heads, d]`).
+    fn backward_task(&self, n: usize, g: usize, o: &[f32], go: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let Dims { t, tk, d, nh, .. } = self.dims;
+        let rep = self.dims.rep();
+        let row_stride = nh * d;
+        let mut p = vec![0f32; t * tk];
+        let mut dp = vec![0f32; t * tk];
+        let mut dq = vec![0f32; rep * t * d];
+        let mut dk = vec![0f32; tk * d];
+        let mut dv = vec![0f32; tk * d];
+        for j in 0..rep {
+            let h = g * rep + j;
+            let head = n * t * row_stride + h * d;
+            self.probs(n, h, &mut p);
+            for (i0, rows, ext) in self.blocks(n) {
+                let go_b = View::rows(go, head + i0 * row_stride, row_stride);
+                let p_bt = View::rows_t(&p, i0 * tk, tk);
+                // dV += Pᵀ·dO
+                gemm(ext, d, rows, &mut dv, 0, d, true, p_bt, go_b, 1.0, Threads::One);
+                // dP = dO·Vᵀ
+                gemm(rows, ext, d, &mut dp, i0 * tk, tk, false, go_b, self.v.head_t(n, g), 1.0, Threads::One);
+                // dS = P ⊙ (dP − rowsum(dO ⊙ O))
+                for i in i0..i0 + rows {
+                    let at = head + i * row_stride;
+                    let delta: f32 = go[at..at + d].iter().zip(&o[at..at + d]).map(|(a, b)| a * b).sum();
+                    let (pr, dr) = (&p[i * tk..][..ext], &mut dp[i * tk..][..ext]);
+                    dr.iter_mut().zip(pr).for_each(|(ds, &pv)| *ds = pv * (*ds - delta));
+                }
+                // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
+                let ds = View::rows(&dp, i0 * tk, tk);
+                let ds_t = View::rows_t(&dp, i0 * tk, tk);
+                let mut q_b = self.q.head(n, h);
+                q_b.offset += i0 * q_b.rs;
+                gemm(
+                    rows,
+                    d,
+                    ext,
+                    &mut dq,
+                    (j * t + i0) * d,
+                    d,
+                    false,
+                    ds,
+                    self.k.head(n, g),
+                    self.scale,
+                    Threads::One,
+                );
+                gemm(ext, d, rows, &mut dk, 0, d, true, ds_t, q_b, self.scale, Threads::One);
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+impl Attention {
+    fn with_bias<R>(&self, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
+        match &self.bias {
+            None => f(None),
+            Some(bias) => {
+                let (s, l) = bias.storage_and_layout();
+                let Storage::Cpu(CpuStorage::F32(data)) = &*s else {
+                    candle_core::bail!("attention: bias must be f32 on the CPU")
+                };
+                f(Some(super::contiguous(data, l, "attention", "bias")?))
+            }
+        }
+    }
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(data) => Ok(data),
+        _ => candle_core::bail!("attention: {what} is not f32, the CPU op takes f32"),
+    }
+}
+
+/// Copies per-task `[heads_per_task, len, d]` blocks (task = row `n`, KV head `g`) into
+/// `[b, len, heads, d]`.
+fn scatter(blocks: Vec<Vec<f32>>, dims: Dims, len: usize, heads_per_task: usize, heads: usize) -> Vec<f32> {
+    let d = dims.d;
+    let mut out = super::cpu_output::<f32>(dims.b * len * heads * d);
+    for (task, block) in blocks.into_iter().enumerate() {
+        let (n, g) = (task / dims.nkv, task % dims.nkv);
+        for j in 0..heads_per_task {
+            let h = g * heads_per_task + j;
+            for i in 0..len {
+                out[((n * len + i) * heads + h) * d..][..d].copy_from_slice(&block[(j * len + i) * d..][..d]);
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "candor-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(ql, kl)?;
+        let Dims { b, nh, nkv, t, d, .. } = dims;
+        let q = Heads::new(f32_data(qs, "q")?, ql, "q")?;
+        let k = Heads::new(f32_data(ks, "k")?, kl, "k")?;
+        let v = Heads::new(f32_data(vs, "v")?, vl, "v")?;
+        let blocks = self.with_bias(|bias| {
+            let ctx = Ctx::new(dims, q, k, v, bias, self.scale);
+            Ok((0..b * nkv).into_par_iter().map(|task| ctx.forward_task(task / nkv, task % nkv)).collect())
+        })?;
+        let out = scatter(blocks, dims, t, dims.rep(), nh);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, nh, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        d_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_out = d_out.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = out.storage_and_layout();
+        let (gs, gl) = d_out.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc), Storage::Cpu(oc), Storage::Cpu(gc)) =
+            (&*qs, &*ks, &*vs, &*os, &*gs)
+        else {
+            candle_core::bail!("attention: backward inputs must be on the CPU")
+        };
+        let dims = Dims::of(ql, kl)?;
+        let Dims { b, nh, nkv, t, tk, d } = dims;
+        let qh = Heads::new(f32_data(qc, "q")?, ql, "q")?;
+        let kh = Heads::new(f32_data(kc, "k")?, kl, "k")?;
+        let vh = Heads::new(f32_data(vc, "v")?, vl, "v")?;
+        // out and d_out are [b, t, heads, d], contiguous
+        let o = super::contiguous(f32_data(oc, "out")?, ol, "attention", "out")?;
+        let go = super::contiguous(f32_data(gc, "grad")?, gl, "attention", "grad")?;
+        let grads: Vec<_> = self.with_bias(|bias| {
+            let ctx = Ctx::new(dims, qh, kh, vh, bias, self.scale);
+            Ok((0..b * nkv)
+                .into_par_iter()
+                .map(|task| ctx.backward_task(task / nkv, task % nkv, o, go))
+                .collect())
+        })?;
+        let mut dqs = Vec::with_capacity(grads.len());
+        let mut dks = Vec::with_capacity(grads.len());
+        let mut dvs = Vec::with_capacity(grads.len());
+        for (dq, dk, dv) in grads {
+            dqs.push(dq);
+            dks.push(dk);
+            dvs.push(dv);
+        }
+        let device = q.device();
+        // gradients in [b, len, heads, d] order, returned as [b, heads, len, d] views like the inputs
+        let dq = Tensor::from_vec(scatter(dqs, dims, t, dims.rep(), nh), (b, t, nh, d), device)?
+            .transpose(1, 2)?;
+        let dk =
+            Tensor::from_vec(scatter(dks, dims, tk, 1, nkv), (b, tk, nkv, d), device)?.transpose(1, 2)?;
+        let dv =
+            Tensor::from_vec(scatter(dvs, dims, tk, 1, nkv), (b, tk, nkv, d), device)?.transpose(1, 2)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
