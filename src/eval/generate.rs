@@ -97,7 +97,7 @@ pub fn generate_batch(
     let mut stopped = vec![false; n];
     let mut live: Vec<usize> = (0..n).collect();
 
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let mut cache = KvCache::with_capacity(model.config.num_hidden_layers, width + opts.max_new_tokens);
     let start = std::time::Instant::now();
     let hidden = model.hidden_states(&batch, Some(&mut cache), false)?;
     let mut logits = model.last_logits(&hidden)?;

@@ -43,19 +43,70 @@ pub struct Layer {
     pub mlp: Mlp,
 }
 
-/// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, len, head_dim]`.
+/// Keys and values of the tokens seen so far, per layer, in buffers with room to grow:
+/// `[batch, kv_heads, capacity, head_dim]`, of which the first `len` positions are filled. Each step
+/// writes its new keys in place and attention reads a view of the filled part, so a step costs the
+/// same at position 500 as at position 5 (concatenating copied the whole cache every step). The cache
+/// holds plain tensors and carries no gradient: it is for generation.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+    /// Positions the first append reserves room for.
+    reserve: usize,
+}
+
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k, v: [b, kv_heads, t, d]` and returns views of every key and value so far.
+    fn append(
+        slot: &mut Option<LayerCache>,
+        k: &Tensor,
+        v: &Tensor,
+        reserve: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, nkv, t, d) = k.dims4()?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if len + t > capacity {
+            // grow geometrically, so n appended tokens cost O(n) copying in all
+            let capacity = (2 * capacity).max(len + t).max(reserve).max(64);
+            let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, nkv, capacity, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let (k_buf, v_buf) = (grown(slot.as_ref().map(|c| &c.k))?, grown(slot.as_ref().map(|c| &c.v))?);
+            *slot = Some(LayerCache { k: k_buf, v: v_buf, len });
+        }
+        let c = slot.as_mut().expect("cache slot filled above");
+        c.k.slice_set(&k.detach().contiguous()?, 2, len)?;
+        c.v.slice_set(&v.detach().contiguous()?, 2, len)?;
+        c.len = len + t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache::with_capacity(num_layers, 0)
+    }
+
+    /// A cache that allocates room for `positions` keys at once (a generation's prompt plus its
+    /// longest answer), so it never grows.
+    pub fn with_capacity(num_layers: usize, positions: usize) -> Self {
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), reserve: positions }
     }
 
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |c| c.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,10 +116,10 @@ impl KvCache {
     /// Keeps only the given batch rows (in that order): drops finished sequences from a batched
     /// generation so they cost nothing more.
     pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let idx = Tensor::new(rows, k.device())?;
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        for c in self.layers.iter_mut().flatten() {
+            let idx = Tensor::new(rows, c.k.device())?;
+            c.k = c.k.index_select(&idx, 0)?;
+            c.v = c.v.index_select(&idx, 0)?;
         }
         Ok(())
     }
@@ -286,8 +337,9 @@ impl Transformer {
         ))?;
         let mut rng_guard = if train { Some(self.dropout_rng.lock().unwrap()) } else { None };
         let mut cache = cache;
+        let reserve = cache.as_ref().map_or(0, |c| c.reserve);
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], reserve));
             let rng = rng_guard.as_deref_mut();
             x = self.layer_forward(layer, &x, &table, &positions, bias.as_ref(), layer_cache, rng)?;
         }
@@ -302,7 +354,7 @@ impl Transformer {
         table: &RotaryTable,
         positions: &Tensor,
         bias: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerCache>, usize)>,
         mut rng: Option<&mut DropoutRng>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -328,16 +380,9 @@ impl Transformer {
         let k = rope(&k, table, positions)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                // detached: the cache must not keep the autograd graph of every earlier step alive
-                // (through the LoRA variables), which made memory grow with the square of the length
-                *slot = Some((kv.0.detach(), kv.1.detach()));
-                kv
-            }
+            // detached inside: the cache must not keep the autograd graph of every earlier step alive
+            // (through the LoRA variables), which made memory grow with the square of the length
+            Some((slot, reserve)) => LayerCache::append(slot, &k, &v, reserve)?,
             None => (k, v),
         };
         let attn = attention(&q, &k, &v, bias)?; // [b, t, nh · hd]

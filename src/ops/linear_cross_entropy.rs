@@ -10,8 +10,9 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Logit elements per chunk (~32 MB in f32), so a 128k-vocabulary head uses a few rows at a time.
-const CHUNK_ELEMS: usize = 8 << 20;
+/// Logit elements per chunk (24 MB in f32, under glibc's largest mmap threshold, so chunks reuse heap
+/// memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
+const CHUNK_ELEMS: usize = 6 << 20;
 
 /// Σ over rows of `logsumexp(h·Wᵀ) − (h·Wᵀ)[label]`. `h: [rows, hidden]`, `weight: [vocab, hidden]`,
 /// `labels: [rows]` (u32, all in range). Returns an f32 scalar.
