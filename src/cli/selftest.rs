@@ -141,7 +141,82 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
             (lse - shifted.gather(&labels2.unsqueeze(1)?, 1)?)?.sum_all()
         }),
     });
+    cases.push(lora_case(rng, (2, 37, 96), 80, 8)?);
+    for (b, nh, nkv, t, d) in [(2, 9, 3, 37, 64), (1, 4, 4, 70, 32)] {
+        cases.push(attention_case(dev, (b, nh, nkv, t, d))?);
+    }
     Ok(cases)
+}
+
+/// LoRA layer with dropout; A and B are f32 whatever the base dtype, as in the model.
+fn lora_case(
+    rng: &mut ChaCha8Rng,
+    (b, t, inp): (usize, usize, usize),
+    out: usize,
+    r: usize,
+) -> anyhow::Result<Case> {
+    let mask = ops::dropout::DropoutMask::draw(b * t * inp, 1.25, || rng.random::<f64>() < 0.8);
+    let mask2 = mask.clone();
+    let f32s = |a: &[Tensor]| -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((a[2].to_dtype(DType::F32)?, a[3].to_dtype(DType::F32)?))
+    };
+    Ok(Case {
+        op: format!("lora_linear [{b},{t},{inp}]->{out} r={r}"),
+        inputs: vec![
+            input("x", &[b, t, inp], 1.0, true),
+            input("weight", &[out, inp], 0.2, false),
+            input("A", &[r, inp], 0.3, true),
+            input("B", &[out, r], 0.3, true),
+        ],
+        ours: Box::new(move |a| {
+            let (la, lb) = f32s(a)?;
+            ops::lora_linear(&a[0], &a[1], None, &la, &lb, 1.5, Some(mask.clone()))
+        }),
+        reference: Box::new(move |a| {
+            let (la, lb) = f32s(a)?;
+            ops::lora_linear::reference(&a[0], &a[1], None, &la, &lb, 1.5, Some(&mask2))
+        }),
+    })
+}
+
+/// Attention over heads read from `[b, t, heads, d]` storage, with a causal mask and left padding
+/// (the first query rows of the second sequence see nothing).
+fn attention_case(
+    dev: &Device,
+    (b, nh, nkv, t, d): (usize, usize, usize, usize, usize),
+) -> anyhow::Result<Case> {
+    let mut bias = vec![0f32; b * t * t];
+    for row in 0..b {
+        let pad = if row == 1 { 3 } else { 0 };
+        for q in 0..t {
+            for k in 0..t {
+                if k > q || k < pad {
+                    bias[(row * t + q) * t + k] = f32::MIN;
+                }
+            }
+        }
+    }
+    let bias = Tensor::from_vec(bias, (b, 1, t, t), dev)?;
+    let bias2 = bias.clone();
+    let heads = |a: &[Tensor]| -> candle_core::Result<[Tensor; 3]> {
+        Ok([a[0].transpose(1, 2)?, a[1].transpose(1, 2)?, a[2].transpose(1, 2)?])
+    };
+    Ok(Case {
+        op: format!("attention [{b},{t},{nh}/{nkv},{d}] causal"),
+        inputs: vec![
+            input("q", &[b, t, nh, d], 2.0, true),
+            input("k", &[b, t, nkv, d], 2.0, true),
+            input("v", &[b, t, nkv, d], 1.0, true),
+        ],
+        ours: Box::new(move |a| {
+            let [q, k, v] = heads(a)?;
+            ops::attention(&q, &k, &v, Some(&bias))
+        }),
+        reference: Box::new(move |a| {
+            let [q, k, v] = heads(a)?;
+            ops::attention::reference(&q, &k, &v, Some(&bias2))?.transpose(1, 2)?.reshape((b, t, nh * d))
+        }),
+    })
 }
 
 fn errors(ours: &Tensor, reference: &Tensor) -> anyhow::Result<(f32, f32)> {

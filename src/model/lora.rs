@@ -214,11 +214,7 @@ impl LoraLinear {
         } else {
             (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
         };
-        let bias = self.bias.as_ref();
-        if lora_linear::supported(x, &self.weight, bias) {
-            return Ok(lora_linear::lora_linear(x, &self.weight, bias, &a, &b, lora.scale, mask)?);
-        }
-        Ok(lora_linear::reference(x, &self.weight, bias, &a, &b, lora.scale, mask.as_ref())?)
+        Ok(lora_linear(x, &self.weight, self.bias.as_ref(), &a, &b, lora.scale, mask)?)
     }
 
     /// `W + scale · B·A`, computed in f32 (the merge used by export).

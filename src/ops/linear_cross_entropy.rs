@@ -6,9 +6,14 @@
 //! `loss + Σ(h·dh) − stop_grad(Σ(h·dh))`, whose value is exactly `loss` and whose gradient with respect
 //! to `h` is exactly `dh` (times the upstream gradient). The head weight is frozen and gets nothing.
 //!
-//! It runs on any device through candle's tensor ops; a fused CUDA kernel can replace the chunk loop.
+//! On the CPU (f32) each chunk is one matrix product into a reused buffer, one parallel pass per row
+//! (max, exponentials, log-sum-exp, loss, then `softmax − onehot` in place) and one product for `dh`.
+//! Other devices run the same chunk loop through candle's tensor ops.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use super::cpu_gemm::{gemm, Threads, View};
 
 /// Logit elements per chunk (24 MB in f32, under glibc's largest mmap threshold, so chunks reuse heap
 /// memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
@@ -27,9 +32,23 @@ pub fn linear_cross_entropy_sum(h: &Tensor, weight: &Tensor, labels: &Tensor) ->
             labels.dims()
         );
     }
+    let chunk = (CHUNK_ELEMS / vocab).clamp(1, rows.max(1));
+    if h.device().is_cpu() && h.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        let (loss, dh) = cpu_loss_and_grad(&h.detach(), weight, labels, chunk, h.track_op())?;
+        let loss = Tensor::new(loss as f32, h.device())?;
+        return match dh {
+            None => Ok(loss),
+            Some(dh) => attach_grad(h, loss, &Tensor::from_vec(dh, (rows, hidden), h.device())?),
+        };
+    }
+    composed(h, weight, labels, chunk)
+}
+
+/// The chunk loop from candle ops (any device and dtype; the CPU f32 path is checked against it).
+pub fn composed(h: &Tensor, weight: &Tensor, labels: &Tensor, chunk: usize) -> Result<Tensor> {
+    let rows = h.dim(0)?;
     let need_grad = h.track_op();
     let h_const = h.detach();
-    let chunk = (CHUNK_ELEMS / vocab).clamp(1, rows.max(1));
     let mut loss = Tensor::zeros((), DType::F32, h.device())?;
     let mut dh_chunks = Vec::new();
     let mut start = 0;
@@ -55,8 +74,89 @@ pub fn linear_cross_entropy_sum(h: &Tensor, weight: &Tensor, labels: &Tensor) ->
         return Ok(loss);
     }
     let dh = Tensor::cat(&dh_chunks, 0)?.to_dtype(h.dtype())?;
-    let surrogate = (h * &dh)?.to_dtype(DType::F32)?.sum_all()?;
+    attach_grad(h, loss, &dh)
+}
+
+/// `loss` with `h`'s gradient set to `dh`: `loss + Σ(h·dh) − stop_grad(Σ(h·dh))`.
+fn attach_grad(h: &Tensor, loss: Tensor, dh: &Tensor) -> Result<Tensor> {
+    let surrogate = (h * dh)?.to_dtype(DType::F32)?.sum_all()?;
     &loss + (&surrogate - surrogate.detach())?
+}
+
+fn cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*s else {
+        candle_core::bail!("linear_cross_entropy: {what} is not f32 on the CPU")
+    };
+    f(super::contiguous(data, l, "linear_cross_entropy", what)?)
+}
+
+/// The CPU chunk loop: the summed loss (accumulated in f64) and, when asked, `dh`.
+fn cpu_loss_and_grad(
+    h: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+    chunk: usize,
+    need_grad: bool,
+) -> Result<(f64, Option<Vec<f32>>)> {
+    let (rows, hidden) = h.dims2()?;
+    let vocab = weight.dim(0)?;
+    let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let h = h.contiguous()?;
+    let weight = weight.contiguous()?;
+    cpu_f32(&h, "h", |h| {
+        cpu_f32(&weight, "weight", |w| {
+            let mut logits = vec![0f32; chunk.min(rows) * vocab];
+            let mut dh = if need_grad { vec![0f32; rows * hidden] } else { Vec::new() };
+            let mut loss = 0f64;
+            for start in (0..rows).step_by(chunk) {
+                let len = chunk.min(rows - start);
+                let lg = &mut logits[..len * vocab];
+                let (hv, wt) = (View::rows(h, start * hidden, hidden), View::rows_t(w, 0, hidden));
+                gemm(len, vocab, hidden, lg, 0, vocab, false, hv, wt, 1.0, Threads::All);
+                loss += lg
+                    .par_chunks_mut(vocab)
+                    .zip(&labels[start..start + len])
+                    .map(|(row, &label)| softmax_row_loss(row, label as usize, need_grad))
+                    .sum::<f64>();
+                if need_grad {
+                    let (p, wv) = (View::rows(lg, 0, vocab), View::rows(w, 0, hidden));
+                    gemm(
+                        len,
+                        hidden,
+                        vocab,
+                        &mut dh,
+                        start * hidden,
+                        hidden,
+                        false,
+                        p,
+                        wv,
+                        1.0,
+                        Threads::All,
+                    );
+                }
+            }
+            Ok((loss, need_grad.then_some(dh)))
+        })
+    })
+}
+
+/// One row of logits: returns `logsumexp − logit[label]`, and with `grad` leaves `softmax − onehot`
+/// in the row.
+fn softmax_row_loss(row: &mut [f32], label: usize, grad: bool) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let picked = row[label];
+    let mut sum = 0f64;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x as f64;
+    }
+    if grad {
+        let inv = (1.0 / sum) as f32;
+        row.iter_mut().for_each(|x| *x *= inv);
+        row[label] -= 1.0;
+    }
+    sum.ln() + max as f64 - picked as f64
 }
 
 #[cfg(test)]
@@ -82,15 +182,21 @@ mod tests {
             let w = (Tensor::randn(0f32, 1.0, (vocab, hidden), &dev)? * 0.3)?;
             let labels: Vec<u32> = (0..rows).map(|i| ((i * 7919) % vocab) as u32).collect();
             let labels = Tensor::new(labels, &dev)?;
-            let ours = linear_cross_entropy_sum(h.as_tensor(), &w, &labels)?;
             let theirs = reference(h.as_tensor(), &w, &labels)?;
-            let (a, b) = (ours.to_scalar::<f32>()?, theirs.to_scalar::<f32>()?);
-            assert!((a - b).abs() / b.abs() < 1e-5, "loss {a} vs {b}");
-            let ga = ours.backward()?.get(h.as_tensor()).unwrap().clone();
+            let b = theirs.to_scalar::<f32>()?;
             let gb = theirs.backward()?.get(h.as_tensor()).unwrap().clone();
-            let err = (ga - &gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(err / scale < 1e-5, "gradient relative error {}", err / scale);
+            // the CPU path, and the candle-op chunk loop other devices run (chunks of 3 rows)
+            for ours in [
+                linear_cross_entropy_sum(h.as_tensor(), &w, &labels)?,
+                composed(h.as_tensor(), &w, &labels, 3)?,
+            ] {
+                let a = ours.to_scalar::<f32>()?;
+                assert!((a - b).abs() / b.abs() < 1e-5, "loss {a} vs {b}");
+                let ga = ours.backward()?.get(h.as_tensor()).unwrap().clone();
+                let err = (ga - &gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(err / scale < 1e-5, "gradient relative error {}", err / scale);
+            }
         }
         Ok(())
     }
@@ -101,9 +207,11 @@ mod tests {
         let h = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (9, 4), &dev)?;
         let labels = Tensor::new(&[1u32, 8, 0], &dev)?;
-        let a = linear_cross_entropy_sum(&h, &w, &labels)?.to_scalar::<f32>()?;
         let b = reference(&h, &w, &labels)?.to_scalar::<f32>()?;
-        assert!((a - b).abs() < 1e-5 * b.abs());
+        for ours in [linear_cross_entropy_sum(&h, &w, &labels)?, composed(&h, &w, &labels, 2)?] {
+            let a = ours.to_scalar::<f32>()?;
+            assert!((a - b).abs() < 1e-5 * b.abs());
+        }
         Ok(())
     }
 }

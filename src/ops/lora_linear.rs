@@ -24,8 +24,8 @@ pub fn supported(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
         && bias.is_none_or(|b| b.dtype() == DType::F32)
 }
 
-/// The fused LoRA layer. `x: [.., in]`, `weight: [out, in]`, `bias: [out]`, `a: [r, in]`, `b: [out, r]`,
-/// `mask` over `x`'s elements. CPU f32 only (see [`supported`]).
+/// The LoRA layer: fused when [`supported`], else [`reference`]. `x: [.., in]`, `weight: [out, in]`,
+/// `bias: [out]`, `a: [r, in]`, `b: [out, r]` (f32), `mask` over `x`'s elements.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_linear(
     x: &Tensor,
@@ -50,13 +50,16 @@ pub fn lora_linear(
     if bias.is_some_and(|b| b.dims() != [out_f]) {
         candle_core::bail!("lora_linear: bias shape {:?}, expected [{out_f}]", bias.unwrap().dims());
     }
-    if !supported(x, weight, bias) || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
-        candle_core::bail!("lora_linear: the fused op takes f32 tensors on the CPU");
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        candle_core::bail!("lora_linear: A and B must be f32, got {:?} and {:?}", a.dtype(), b.dtype());
     }
     if let Some(m) = &mask {
         if m.len() < x.elem_count() {
             candle_core::bail!("lora_linear: dropout mask shorter than the input");
         }
+    }
+    if !supported(x, weight, bias) {
+        return reference(x, weight, bias, a, b, scale, mask.as_ref());
     }
     let op = LoraLinear {
         weight: weight.contiguous()?,
