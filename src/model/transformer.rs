@@ -1,10 +1,11 @@
 //! The one decoder: Llama, SmolLM2, Qwen2/2.5 and Qwen3 differ only in `ModelConfig` flags.
 //!
 //! The same code trains (full sequences, padding and packing masks, per-token positions) and
-//! generates (KV cache). Every op on the training path carries gradients: RMSNorm, RoPE and SwiGLU are
-//! our fused ops from [`crate::ops`] (CPU loops or CUDA kernels, each with its backward; candle's own
-//! fused versions drop gradients), softmax is candle's differentiable `ops::softmax`, and the frozen
-//! projections use [`frozen_linear`], which gives the input a gradient and the weight none.
+//! generates (KV cache). Every op on the training path carries gradients and comes from
+//! [`crate::ops`]: RMSNorm, RoPE and SwiGLU (CPU loops or CUDA kernels, each with its backward;
+//! candle's own fused versions drop gradients), the LoRA projections (fused on the CPU; frozen base
+//! weights get no gradient on any device), attention (fused on the CPU, composed from candle ops
+//! elsewhere) and the chunked LM head + cross-entropy.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

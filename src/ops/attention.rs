@@ -14,7 +14,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{gemm, Threads, View};
+use super::cpu_f32;
+use super::cpu_gemm::{product, View};
 
 /// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
@@ -80,8 +81,8 @@ struct Attention {
     scale: f32,
 }
 
-/// Where one head's `[len, d]` matrix sits: element `(i, j)` of head `h` in row `n` is
-/// `data[offset + n·s0 + h·s1 + i·s2 + j]`.
+/// A `[b, heads, len, d]` tensor's storage: head `h` of row `n` is the `len × d` matrix at
+/// `offset + n·s0 + h·s1` with row stride `s2`.
 #[derive(Clone, Copy)]
 struct Heads<'a> {
     data: &'a [f32],
@@ -89,25 +90,34 @@ struct Heads<'a> {
     s0: usize,
     s1: usize,
     s2: usize,
+    len: usize,
+    d: usize,
 }
 
 impl<'a> Heads<'a> {
-    fn new(data: &'a [f32], l: &Layout, what: &str) -> Result<Self> {
-        let st = l.stride();
+    fn new(storage: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("{OP}: {what} must be f32") };
+        let (st, dims) = (l.stride(), l.dims());
         if st.len() != 4 || st[3] != 1 {
-            candle_core::bail!("attention: {what} needs a contiguous last dimension (layout {l:?})");
+            candle_core::bail!("{OP}: {what} needs a contiguous last dimension (layout {l:?})");
         }
-        Ok(Heads { data, offset: l.start_offset(), s0: st[0], s1: st[1], s2: st[2] })
+        Ok(Heads {
+            data,
+            offset: l.start_offset(),
+            s0: st[0],
+            s1: st[1],
+            s2: st[2],
+            len: dims[2],
+            d: dims[3],
+        })
     }
 
     fn head(&self, n: usize, h: usize) -> View<'a> {
-        View::rows(self.data, self.offset + n * self.s0 + h * self.s1, self.s2)
-    }
-
-    fn head_t(&self, n: usize, h: usize) -> View<'a> {
-        View::rows_t(self.data, self.offset + n * self.s0 + h * self.s1, self.s2)
+        View::strided(self.data, self.offset + n * self.s0 + h * self.s1, self.len, self.d, self.s2)
     }
 }
+
+const OP: &str = "attention";
 
 /// The shapes of one call.
 #[derive(Clone, Copy)]
@@ -192,12 +202,14 @@ impl<'a> Ctx<'a> {
     /// Softmax probabilities of query head `h` in row `n` into `p` (`[t, tk]`; zero past each block's
     /// visible keys).
     fn probs(&self, n: usize, h: usize, p: &mut [f32]) {
-        let Dims { t, tk, d, .. } = self.dims;
-        let g = h / self.dims.rep();
+        let Dims { t, tk, .. } = self.dims;
+        let (q, k) = (self.q.head(n, h), self.k.head(n, h / self.dims.rep()));
         for (i0, rows, ext) in self.blocks(n) {
-            let mut q = self.q.head(n, h);
-            q.offset += i0 * q.rs;
-            gemm(rows, ext, d, p, i0 * tk, tk, false, q, self.k.head_t(n, g), self.scale, Threads::One);
+            product(q.row_range(i0, rows), k.row_range(0, ext).t()).scaled(self.scale).one_thread().write(
+                p,
+                i0 * tk,
+                tk,
+            );
             for i in i0..i0 + rows {
                 let row = &mut p[i * tk..][..tk];
                 row[ext..].fill(0.0);
@@ -225,25 +237,15 @@ impl<'a> Ctx<'a> {
     fn forward_task(&self, n: usize, g: usize) -> Vec<f32> {
         let Dims { t, tk, d, .. } = self.dims;
         let rep = self.dims.rep();
+        let v = self.v.head(n, g);
         let mut p = vec![0f32; t * tk];
         let mut o = vec![0f32; rep * t * d];
         for j in 0..rep {
             self.probs(n, g * rep + j, &mut p);
+            let pv = View::matrix(&p, t, tk);
             for (i0, rows, ext) in self.blocks(n) {
-                let pv = View::rows(&p, i0 * tk, tk);
-                gemm(
-                    rows,
-                    d,
-                    ext,
-                    &mut o,
-                    (j * t + i0) * d,
-                    d,
-                    false,
-                    pv,
-                    self.v.head(n, g),
-                    1.0,
-                    Threads::One,
-                );
+                let p_block = pv.row_range(i0, rows).first_cols(ext);
+                product(p_block, v.row_range(0, ext)).one_thread().write(&mut o, (j * t + i0) * d, d);
             }
         }
         o
@@ -255,6 +257,7 @@ impl<'a> Ctx<'a> {
         let Dims { t, tk, d, nh, .. } = self.dims;
         let rep = self.dims.rep();
         let row_stride = nh * d;
+        let (k, v) = (self.k.head(n, g), self.v.head(n, g));
         let mut p = vec![0f32; t * tk];
         let mut dp = vec![0f32; t * tk];
         let mut dq = vec![0f32; rep * t * d];
@@ -263,14 +266,14 @@ impl<'a> Ctx<'a> {
         for j in 0..rep {
             let h = g * rep + j;
             let head = n * t * row_stride + h * d;
+            let (q, go_h) = (self.q.head(n, h), View::strided(go, head, t, d, row_stride));
             self.probs(n, h, &mut p);
             for (i0, rows, ext) in self.blocks(n) {
-                let go_b = View::rows(go, head + i0 * row_stride, row_stride);
-                let p_bt = View::rows_t(&p, i0 * tk, tk);
-                // dV += Pᵀ·dO
-                gemm(ext, d, rows, &mut dv, 0, d, true, p_bt, go_b, 1.0, Threads::One);
-                // dP = dO·Vᵀ
-                gemm(rows, ext, d, &mut dp, i0 * tk, tk, false, go_b, self.v.head_t(n, g), 1.0, Threads::One);
+                let go_b = go_h.row_range(i0, rows);
+                let p_b = View::matrix(&p, t, tk).row_range(i0, rows).first_cols(ext);
+                // dV += Pᵀ·dO ; dP = dO·Vᵀ
+                product(p_b.t(), go_b).one_thread().add_to(&mut dv, 0, d);
+                product(go_b, v.row_range(0, ext).t()).one_thread().write(&mut dp, i0 * tk, tk);
                 // dS = P ⊙ (dP − rowsum(dO ⊙ O))
                 for i in i0..i0 + rows {
                     let at = head + i * row_stride;
@@ -279,24 +282,10 @@ impl<'a> Ctx<'a> {
                     dr.iter_mut().zip(pr).for_each(|(ds, &pv)| *ds = pv * (*ds - delta));
                 }
                 // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
-                let ds = View::rows(&dp, i0 * tk, tk);
-                let ds_t = View::rows_t(&dp, i0 * tk, tk);
-                let mut q_b = self.q.head(n, h);
-                q_b.offset += i0 * q_b.rs;
-                gemm(
-                    rows,
-                    d,
-                    ext,
-                    &mut dq,
-                    (j * t + i0) * d,
-                    d,
-                    false,
-                    ds,
-                    self.k.head(n, g),
-                    self.scale,
-                    Threads::One,
-                );
-                gemm(ext, d, rows, &mut dk, 0, d, true, ds_t, q_b, self.scale, Threads::One);
+                let ds = View::matrix(&dp, t, tk).row_range(i0, rows).first_cols(ext);
+                let dq_at = (j * t + i0) * d;
+                product(ds, k.row_range(0, ext)).scaled(self.scale).one_thread().write(&mut dq, dq_at, d);
+                product(ds.t(), q.row_range(i0, rows)).scaled(self.scale).one_thread().add_to(&mut dk, 0, d);
             }
         }
         (dq, dk, dv)
@@ -309,19 +298,16 @@ impl Attention {
             None => f(None),
             Some(bias) => {
                 let (s, l) = bias.storage_and_layout();
-                let Storage::Cpu(CpuStorage::F32(data)) = &*s else {
-                    candle_core::bail!("attention: bias must be f32 on the CPU")
-                };
-                f(Some(super::contiguous(data, l, "attention", "bias")?))
+                f(Some(cpu_f32(&s, l, OP, "bias")?))
             }
         }
     }
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+fn cpu_storage(s: &Storage) -> Result<&CpuStorage> {
     match s {
-        CpuStorage::F32(data) => Ok(data),
-        _ => candle_core::bail!("attention: {what} is not f32, the CPU op takes f32"),
+        Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("{OP}: backward inputs must be on the CPU"),
     }
 }
 
@@ -358,9 +344,9 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, d, .. } = dims;
-        let q = Heads::new(f32_data(qs, "q")?, ql, "q")?;
-        let k = Heads::new(f32_data(ks, "k")?, kl, "k")?;
-        let v = Heads::new(f32_data(vs, "v")?, vl, "v")?;
+        let q = Heads::new(qs, ql, "q")?;
+        let k = Heads::new(ks, kl, "k")?;
+        let v = Heads::new(vs, vl, "v")?;
         let blocks = self.with_bias(|bias| {
             let ctx = Ctx::new(dims, q, k, v, bias, self.scale);
             Ok((0..b * nkv).into_par_iter().map(|task| ctx.forward_task(task / nkv, task % nkv)).collect())
@@ -383,19 +369,14 @@ impl CustomOp3 for Attention {
         let (vs, vl) = v.storage_and_layout();
         let (os, ol) = out.storage_and_layout();
         let (gs, gl) = d_out.storage_and_layout();
-        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc), Storage::Cpu(oc), Storage::Cpu(gc)) =
-            (&*qs, &*ks, &*vs, &*os, &*gs)
-        else {
-            candle_core::bail!("attention: backward inputs must be on the CPU")
-        };
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, tk, d } = dims;
-        let qh = Heads::new(f32_data(qc, "q")?, ql, "q")?;
-        let kh = Heads::new(f32_data(kc, "k")?, kl, "k")?;
-        let vh = Heads::new(f32_data(vc, "v")?, vl, "v")?;
+        let qh = Heads::new(cpu_storage(&qs)?, ql, "q")?;
+        let kh = Heads::new(cpu_storage(&ks)?, kl, "k")?;
+        let vh = Heads::new(cpu_storage(&vs)?, vl, "v")?;
         // out and d_out are [b, t, heads, d], contiguous
-        let o = super::contiguous(f32_data(oc, "out")?, ol, "attention", "out")?;
-        let go = super::contiguous(f32_data(gc, "grad")?, gl, "attention", "grad")?;
+        let o = cpu_f32(&os, ol, OP, "out")?;
+        let go = cpu_f32(&gs, gl, OP, "grad")?;
         let grads: Vec<_> = self.with_bias(|bias| {
             let ctx = Ctx::new(dims, qh, kh, vh, bias, self.scale);
             Ok((0..b * nkv)

@@ -5,31 +5,48 @@
 //! so a LoRA update lands in the frozen output without a temporary), and read heads straight out of
 //! `[batch, seq, heads, dim]` storage by their strides (no transpose copies).
 
-/// A matrix inside a slice: element `(i, j)` is `data[offset + i·rs + j·cs]`.
+/// A `rows × cols` matrix inside a slice: element `(i, j)` is `data[offset + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct View<'a> {
     pub data: &'a [f32],
     pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
     pub rs: usize,
     pub cs: usize,
 }
 
 impl<'a> View<'a> {
-    /// A row-major `[rows, cols]` matrix starting at `offset` with row stride `rs`.
-    pub fn rows(data: &'a [f32], offset: usize, rs: usize) -> Self {
-        View { data, offset, rs, cs: 1 }
+    /// Row-major rows of `cols` elements, `rs` apart, from `offset`.
+    pub fn strided(data: &'a [f32], offset: usize, rows: usize, cols: usize, rs: usize) -> Self {
+        View { data, offset, rows, cols, rs, cs: 1 }
     }
 
-    /// The transpose of [`View::rows`]: element `(i, j)` is row `j`, column `i` of the stored matrix.
-    pub fn rows_t(data: &'a [f32], offset: usize, rs: usize) -> Self {
-        View { data, offset, rs: 1, cs: rs }
+    /// A contiguous row-major `rows × cols` matrix filling `data`.
+    pub fn matrix(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View::strided(data, 0, rows, cols, cols)
     }
 
-    fn check(&self, rows: usize, cols: usize, what: &str) {
-        if rows == 0 || cols == 0 {
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        View { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Rows `first..first + count`.
+    pub fn row_range(self, first: usize, count: usize) -> Self {
+        View { offset: self.offset + first * self.rs, rows: count, ..self }
+    }
+
+    /// The first `count` columns.
+    pub fn first_cols(self, count: usize) -> Self {
+        View { cols: count, ..self }
+    }
+
+    fn check(&self, what: &str) {
+        if self.rows == 0 || self.cols == 0 {
             return;
         }
-        let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
+        let last = self.offset + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
         assert!(
             last < self.data.len(),
             "cpu_gemm: {what} view reaches {last}, slice has {}",
@@ -46,66 +63,88 @@ pub(crate) enum Threads {
     One,
 }
 
-/// `dst[m×n] = (accumulate ? dst : 0) + beta · lhs[m×k] · rhs[k×n]`, with `dst` row-major from `dst_offset`
-/// with row stride `dst_rs`. Panics (never reads or writes out of bounds) if a view does not fit its slice.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_offset: usize,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: View,
-    rhs: View,
+/// `beta · lhs · rhs`, not yet written anywhere.
+#[derive(Clone, Copy)]
+pub(crate) struct Product<'a> {
+    lhs: View<'a>,
+    rhs: View<'a>,
     beta: f32,
     threads: Threads,
-) {
-    if m == 0 || n == 0 {
-        return;
+}
+
+/// `lhs · rhs` on all threads; panics if the inner dimensions differ.
+pub(crate) fn product<'a>(lhs: View<'a>, rhs: View<'a>) -> Product<'a> {
+    assert_eq!(lhs.cols, rhs.rows, "cpu_gemm: [{}×{}]·[{}×{}]", lhs.rows, lhs.cols, rhs.rows, rhs.cols);
+    Product { lhs, rhs, beta: 1.0, threads: Threads::All }
+}
+
+impl Product<'_> {
+    pub fn scaled(self, beta: f32) -> Self {
+        Product { beta, ..self }
     }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[dst_offset + i * dst_rs..][..n].fill(0.0);
-            }
+
+    /// On the calling thread only (inside a parallel task).
+    pub fn one_thread(self) -> Self {
+        Product { threads: Threads::One, ..self }
+    }
+
+    /// `dst = product`, `dst` row-major from `offset` with row stride `rs`.
+    pub fn write(self, dst: &mut [f32], offset: usize, rs: usize) {
+        self.run(dst, offset, rs, false)
+    }
+
+    /// `dst += product`.
+    pub fn add_to(self, dst: &mut [f32], offset: usize, rs: usize) {
+        self.run(dst, offset, rs, true)
+    }
+
+    /// Panics (never reads or writes out of bounds) if a view does not fit its slice.
+    fn run(self, dst: &mut [f32], offset: usize, rs: usize, accumulate: bool) {
+        let (m, n, k) = (self.lhs.rows, self.rhs.cols, self.lhs.cols);
+        if m == 0 || n == 0 {
+            return;
         }
-        return;
-    }
-    let last = dst_offset + (m - 1) * dst_rs + n - 1;
-    assert!(last < dst.len(), "cpu_gemm: dst view reaches {last}, slice has {}", dst.len());
-    assert!(dst_rs >= n || m == 1, "cpu_gemm: dst rows overlap");
-    lhs.check(m, k, "lhs");
-    rhs.check(k, n, "rhs");
-    let parallelism = match threads {
-        Threads::All => gemm::Parallelism::Rayon(0),
-        Threads::One => gemm::Parallelism::None,
-    };
-    // SAFETY: every element the product touches is inside its slice (checked above); dst is borrowed
-    // mutably, so it does not alias lhs or rhs, and its rows do not overlap.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(dst_offset),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr().add(lhs.offset),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr().add(rhs.offset),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+        let last = offset + (m - 1) * rs + n - 1;
+        assert!(last < dst.len(), "cpu_gemm: dst view reaches {last}, slice has {}", dst.len());
+        assert!(rs >= n || m == 1, "cpu_gemm: dst rows overlap");
+        if k == 0 {
+            if !accumulate {
+                (0..m).for_each(|i| dst[offset + i * rs..][..n].fill(0.0));
+            }
+            return;
+        }
+        self.lhs.check("lhs");
+        self.rhs.check("rhs");
+        let parallelism = match self.threads {
+            Threads::All => gemm::Parallelism::Rayon(0),
+            Threads::One => gemm::Parallelism::None,
+        };
+        let (lhs, rhs) = (self.lhs, self.rhs);
+        // SAFETY: every element the product touches is inside its slice (checked above); dst is
+        // borrowed mutably, so it does not alias lhs or rhs, and its rows do not overlap.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().add(offset),
+                1,
+                rs as isize,
+                accumulate,
+                lhs.data.as_ptr().add(lhs.offset),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(rhs.offset),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                1.0,
+                self.beta,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
     }
 }
 
@@ -113,11 +152,11 @@ pub(crate) fn gemm(
 mod tests {
     use super::*;
 
-    fn naive(m: usize, n: usize, k: usize, a: &View, b: &View) -> Vec<f32> {
-        let mut out = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                out[i * n + j] = (0..k)
+    fn naive(a: &View, b: &View) -> Vec<f32> {
+        let mut out = vec![0f32; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                out[i * b.cols + j] = (0..a.cols)
                     .map(|l| a.data[a.offset + i * a.rs + l * a.cs] * b.data[b.offset + l * b.rs + j * b.cs])
                     .sum();
             }
@@ -128,13 +167,14 @@ mod tests {
     #[test]
     fn strided_and_accumulating_products_match_a_naive_loop() {
         let data: Vec<f32> = (0..400).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-        let (m, n, k) = (5, 7, 3);
-        let a = View { data: &data, offset: 3, rs: 11, cs: 2 };
-        let b = View::rows_t(&data, 100, 9);
-        let want = naive(m, n, k, &a, &b);
-        for threads in [Threads::One, Threads::All] {
+        let (m, n) = (5, 7);
+        let a = View { data: &data, offset: 3, rows: m, cols: 3, rs: 11, cs: 2 };
+        let b = View::strided(&data, 100, n, 3, 9).t();
+        let want = naive(&a, &b);
+        for one in [true, false] {
+            let p = if one { product(a, b).one_thread() } else { product(a, b) };
             let mut dst = vec![1f32; 2 + m * 10];
-            gemm(m, n, k, &mut dst, 2, 10, true, a, b, 0.5, threads);
+            p.scaled(0.5).add_to(&mut dst, 2, 10);
             for i in 0..m {
                 for j in 0..n {
                     let got = dst[2 + i * 10 + j];
@@ -143,8 +183,16 @@ mod tests {
                 // the padding between rows is untouched
                 assert!(dst[2 + i * 10 + n..2 + i * 10 + 10].iter().all(|&v| v == 1.0));
             }
-            gemm(m, n, k, &mut dst, 2, 10, false, a, b, 1.0, threads);
+            p.write(&mut dst, 2, 10);
             assert!((dst[2] - want[0]).abs() < 1e-5);
+        }
+        // sub-blocks: rows 1..3 of a times the first 4 columns of b
+        let mut dst = vec![0f32; 8];
+        product(a.row_range(1, 2), b.first_cols(4)).write(&mut dst, 0, 4);
+        for i in 0..2 {
+            for j in 0..4 {
+                assert!((dst[i * 4 + j] - want[(i + 1) * n + j]).abs() < 1e-5);
+            }
         }
     }
 
@@ -153,18 +201,13 @@ mod tests {
     fn a_view_past_its_slice_panics_before_touching_memory() {
         let data = vec![0f32; 10];
         let mut dst = vec![0f32; 4];
-        gemm(
-            2,
-            2,
-            2,
-            &mut dst,
-            0,
-            2,
-            false,
-            View::rows(&data, 0, 2),
-            View::rows(&data, 8, 2),
-            1.0,
-            Threads::One,
-        );
+        product(View::matrix(&data[..4], 2, 2), View::strided(&data, 8, 2, 2, 2)).write(&mut dst, 0, 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "cpu_gemm: [2×3]·[2×2]")]
+    fn mismatched_inner_dimensions_panic() {
+        let data = [0f32; 10];
+        product(View::matrix(&data[..6], 2, 3), View::matrix(&data[..4], 2, 2));
     }
 }

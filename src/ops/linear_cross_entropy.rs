@@ -10,10 +10,11 @@
 //! (max, exponentials, log-sum-exp, loss, then `softmax − onehot` in place) and one product for `dh`.
 //! Other devices run the same chunk loop through candle's tensor ops.
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{gemm, Threads, View};
+use super::cpu_f32;
+use super::cpu_gemm::{product, View};
 
 /// Logit elements per chunk (24 MB in f32, under glibc's largest mmap threshold, so chunks reuse heap
 /// memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
@@ -83,14 +84,6 @@ fn attach_grad(h: &Tensor, loss: Tensor, dh: &Tensor) -> Result<Tensor> {
     &loss + (&surrogate - surrogate.detach())?
 }
 
-fn cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*s else {
-        candle_core::bail!("linear_cross_entropy: {what} is not f32 on the CPU")
-    };
-    f(super::contiguous(data, l, "linear_cross_entropy", what)?)
-}
-
 /// The CPU chunk loop: the summed loss (accumulated in f64) and, when asked, `dh`.
 fn cpu_loss_and_grad(
     h: &Tensor,
@@ -99,46 +92,32 @@ fn cpu_loss_and_grad(
     chunk: usize,
     need_grad: bool,
 ) -> Result<(f64, Option<Vec<f32>>)> {
+    const OP: &str = "linear_cross_entropy";
     let (rows, hidden) = h.dims2()?;
     let vocab = weight.dim(0)?;
     let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-    let h = h.contiguous()?;
-    let weight = weight.contiguous()?;
-    cpu_f32(&h, "h", |h| {
-        cpu_f32(&weight, "weight", |w| {
-            let mut logits = vec![0f32; chunk.min(rows) * vocab];
-            let mut dh = if need_grad { vec![0f32; rows * hidden] } else { Vec::new() };
-            let mut loss = 0f64;
-            for start in (0..rows).step_by(chunk) {
-                let len = chunk.min(rows - start);
-                let lg = &mut logits[..len * vocab];
-                let (hv, wt) = (View::rows(h, start * hidden, hidden), View::rows_t(w, 0, hidden));
-                gemm(len, vocab, hidden, lg, 0, vocab, false, hv, wt, 1.0, Threads::All);
-                loss += lg
-                    .par_chunks_mut(vocab)
-                    .zip(&labels[start..start + len])
-                    .map(|(row, &label)| softmax_row_loss(row, label as usize, need_grad))
-                    .sum::<f64>();
-                if need_grad {
-                    let (p, wv) = (View::rows(lg, 0, vocab), View::rows(w, 0, hidden));
-                    gemm(
-                        len,
-                        hidden,
-                        vocab,
-                        &mut dh,
-                        start * hidden,
-                        hidden,
-                        false,
-                        p,
-                        wv,
-                        1.0,
-                        Threads::All,
-                    );
-                }
-            }
-            Ok((loss, need_grad.then_some(dh)))
-        })
-    })
+    let (h, weight) = (h.contiguous()?, weight.contiguous()?);
+    let (hs, hl) = h.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let h = View::matrix(cpu_f32(&hs, hl, OP, "h")?, rows, hidden);
+    let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, vocab, hidden);
+    let mut logits = vec![0f32; chunk.min(rows) * vocab];
+    let mut dh = if need_grad { vec![0f32; rows * hidden] } else { Vec::new() };
+    let mut loss = 0f64;
+    for start in (0..rows).step_by(chunk) {
+        let len = chunk.min(rows - start);
+        let lg = &mut logits[..len * vocab];
+        product(h.row_range(start, len), w.t()).write(lg, 0, vocab);
+        loss += lg
+            .par_chunks_mut(vocab)
+            .zip(&labels[start..start + len])
+            .map(|(row, &label)| softmax_row_loss(row, label as usize, need_grad))
+            .sum::<f64>();
+        if need_grad {
+            product(View::matrix(lg, len, vocab), w).write(&mut dh, start * hidden, hidden);
+        }
+    }
+    Ok((loss, need_grad.then_some(dh)))
 }
 
 /// One row of logits: returns `logsumexp − logit[label]`, and with `grad` leaves `softmax − onehot`

@@ -11,9 +11,10 @@
 //! CPU, f32 (the CPU build's dtype). Other devices and dtypes use [`reference`], the same computation
 //! from candle ops, which the tests compare this op against.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cpu_gemm::{gemm, Threads, View};
+use super::cpu_f32;
+use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
 
 /// Whether [`lora_linear`] runs fused for these operands (CPU, all f32).
@@ -103,16 +104,11 @@ struct LoraLinear {
     mask: Option<DropoutMask>,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("lora_linear: {what} is not f32") };
-    super::contiguous(data, l, "lora_linear", what)
-}
+const OP: &str = "lora_linear";
 
-/// Runs `f` on the f32 data of a CPU tensor.
-fn with_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*s else { candle_core::bail!("lora_linear: {what} is not on the CPU") };
-    f(f32_slice(s, l, what)?)
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{OP}: {what} is not f32") };
+    super::contiguous(data, l, OP, what)
 }
 
 impl LoraLinear {
@@ -123,25 +119,6 @@ impl LoraLinear {
             None => std::borrow::Cow::Borrowed(x),
         }
     }
-}
-
-/// `t = xd·Aᵀ`: `[rows, r]`.
-fn rank_product(xd: &[f32], a: &[f32], rows: usize, in_f: usize, r: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * r];
-    gemm(
-        rows,
-        r,
-        in_f,
-        &mut t,
-        0,
-        r,
-        false,
-        View::rows(xd, 0, in_f),
-        View::rows_t(a, 0, in_f),
-        1.0,
-        Threads::All,
-    );
-    t
 }
 
 impl CustomOp3 for LoraLinear {
@@ -158,48 +135,29 @@ impl CustomOp3 for LoraLinear {
         b_s: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (f32_slice(xs, xl, "x")?, f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?);
         let (r, in_f) = al.shape().dims2()?;
         let out_f = bl.shape().dims2()?.0;
+        let x = f32_slice(xs, xl, "x")?;
         let rows = x.len() / in_f;
+        let (x, a, b) = (View::matrix(x, rows, in_f), f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
         let mut y = super::cpu_output::<f32>(rows * out_f);
-        let has_bias = self.bias.is_some();
-        if let Some(bias) = &self.bias {
-            with_f32(bias, "bias", |bias| {
+        // y = x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
+        match &self.bias {
+            Some(bias) => {
+                let (bs, bl) = bias.storage_and_layout();
+                let bias = cpu_f32(&bs, bl, OP, "bias")?;
                 y.chunks_exact_mut(out_f).for_each(|row| row.copy_from_slice(bias));
-                Ok(())
-            })?;
+                product(x, w.t()).add_to(&mut y, 0, out_f);
+            }
+            None => product(x, w.t()).write(&mut y, 0, out_f),
         }
-        with_f32(&self.weight, "weight", |w| {
-            gemm(
-                rows,
-                out_f,
-                in_f,
-                &mut y,
-                0,
-                out_f,
-                has_bias,
-                View::rows(x, 0, in_f),
-                View::rows_t(w, 0, in_f),
-                1.0,
-                Threads::All,
-            );
-            Ok(())
-        })?;
-        let t = rank_product(&self.dropped(x), a, rows, in_f, r);
-        gemm(
-            rows,
-            out_f,
-            r,
-            &mut y,
-            0,
-            out_f,
-            true,
-            View::rows(&t, 0, r),
-            View::rows_t(b, 0, r),
-            self.scale,
-            Threads::All,
-        );
+        let xd = self.dropped(x.data);
+        let t = rank_product(View::matrix(&xd, rows, in_f), View::matrix(a, r, in_f));
+        product(View::matrix(&t, rows, r), View::matrix(b, out_f, r).t())
+            .scaled(self.scale)
+            .add_to(&mut y, 0, out_f);
         let mut dims = xl.shape().dims().to_vec();
         *dims.last_mut().unwrap() = out_f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -207,82 +165,61 @@ impl CustomOp3 for LoraLinear {
 
     fn bwd(
         &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
+        x_t: &Tensor,
+        a_t: &Tensor,
+        b_t: &Tensor,
         _y: &Tensor,
-        dy: &Tensor,
+        dy_t: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (r, in_f) = a.dims2()?;
-        let out_f = b.dim(0)?;
-        let rows = x.elem_count() / in_f;
+        let (r, in_f) = a_t.dims2()?;
+        let out_f = b_t.dim(0)?;
+        let rows = x_t.elem_count() / in_f;
         let s = self.scale;
-        let dy = dy.contiguous()?;
-        // layer 0's q, k and v read the frozen embeddings: nothing upstream wants their dx
-        let need_dx = x.track_op();
-        let (dx, da, db) = with_f32(x, "x", |x| {
-            with_f32(a, "A", |a| {
-                with_f32(b, "B", |b| {
-                    with_f32(&dy, "dy", |dy| {
-                        // u = dy·B: [rows, r]
-                        let mut u = vec![0f32; rows * r];
-                        gemm(
-                            rows,
-                            r,
-                            out_f,
-                            &mut u,
-                            0,
-                            r,
-                            false,
-                            View::rows(dy, 0, out_f),
-                            View::rows(b, 0, r),
-                            1.0,
-                            Threads::All,
-                        );
-                        let dx = if need_dx {
-                            Some(self.input_grad(dy, &u, a, rows, in_f, out_f, r)?)
-                        } else {
-                            None
-                        };
-                        let xd = self.dropped(x);
-                        // dA = s·uᵀ·xd: [r, in]
-                        let mut da = vec![0f32; r * in_f];
-                        gemm(
-                            r,
-                            in_f,
-                            rows,
-                            &mut da,
-                            0,
-                            in_f,
-                            false,
-                            View::rows_t(&u, 0, r),
-                            View::rows(&xd, 0, in_f),
-                            s,
-                            Threads::All,
-                        );
-                        // dB = s·dyᵀ·(xd·Aᵀ): [out, r]
-                        let t = rank_product(&xd, a, rows, in_f, r);
-                        let mut db = vec![0f32; out_f * r];
-                        gemm(
-                            out_f,
-                            r,
-                            rows,
-                            &mut db,
-                            0,
-                            r,
-                            false,
-                            View::rows_t(dy, 0, out_f),
-                            View::rows(&t, 0, r),
-                            s,
-                            Threads::All,
-                        );
-                        Ok((dx, da, db))
-                    })
-                })
-            })
-        })?;
-        let device = x.device();
-        let dx = dx.map(|dx| Tensor::from_vec(dx, x.shape(), device)).transpose()?;
+        let dy_t = dy_t.contiguous()?;
+        let (xs, xl) = x_t.storage_and_layout();
+        let (a_s, al) = a_t.storage_and_layout();
+        let (b_s, bl) = b_t.storage_and_layout();
+        let (dys, dyl) = dy_t.storage_and_layout();
+        let (ws, wl) = self.weight.storage_and_layout();
+        let x = cpu_f32(&xs, xl, OP, "x")?;
+        let a = View::matrix(cpu_f32(&a_s, al, OP, "A")?, r, in_f);
+        let b = View::matrix(cpu_f32(&b_s, bl, OP, "B")?, out_f, r);
+        let dy = View::matrix(cpu_f32(&dys, dyl, OP, "dy")?, rows, out_f);
+        let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
+
+        // u = dy·B: [rows, r]
+        let mut u = vec![0f32; rows * r];
+        product(dy, b).write(&mut u, 0, r);
+        let u = View::matrix(&u, rows, r);
+        // dx = dy·W + s · mask ⊙ (u·A); layer 0's q, k and v read the frozen embeddings, and nothing
+        // upstream wants their dx
+        let dx = x_t.track_op().then(|| {
+            let mut dx = vec![0f32; rows * in_f];
+            product(dy, w).write(&mut dx, 0, in_f);
+            match &self.mask {
+                None => product(u, a).scaled(s).add_to(&mut dx, 0, in_f),
+                Some(m) => {
+                    let mut v = vec![0f32; rows * in_f];
+                    product(u, a).write(&mut v, 0, in_f);
+                    for (i, (d, v)) in dx.iter_mut().zip(&v).enumerate() {
+                        *d += s * (m.factor(i) * v);
+                    }
+                }
+            }
+            dx
+        });
+        let xd = self.dropped(x);
+        let xd = View::matrix(&xd, rows, in_f);
+        // dA = s·uᵀ·xd: [r, in]
+        let mut da = vec![0f32; r * in_f];
+        product(u.t(), xd).scaled(s).write(&mut da, 0, in_f);
+        // dB = s·dyᵀ·(xd·Aᵀ): [out, r]
+        let t = rank_product(xd, a);
+        let mut db = vec![0f32; out_f * r];
+        product(dy.t(), View::matrix(&t, rows, r)).scaled(s).write(&mut db, 0, r);
+
+        let device = x_t.device();
+        let dx = dx.map(|dx| Tensor::from_vec(dx, x_t.shape(), device)).transpose()?;
         Ok((
             dx,
             Some(Tensor::from_vec(da, (r, in_f), device)?),
@@ -291,70 +228,9 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-impl LoraLinear {
-    /// `dx = dy·W + s · mask ⊙ (u·A)`.
-    #[allow(clippy::too_many_arguments)]
-    fn input_grad(
-        &self,
-        dy: &[f32],
-        u: &[f32],
-        a: &[f32],
-        rows: usize,
-        in_f: usize,
-        out_f: usize,
-        r: usize,
-    ) -> Result<Vec<f32>> {
-        let mut dx = vec![0f32; rows * in_f];
-        with_f32(&self.weight, "weight", |w| {
-            gemm(
-                rows,
-                in_f,
-                out_f,
-                &mut dx,
-                0,
-                in_f,
-                false,
-                View::rows(dy, 0, out_f),
-                View::rows(w, 0, in_f),
-                1.0,
-                Threads::All,
-            );
-            Ok(())
-        })?;
-        match &self.mask {
-            None => gemm(
-                rows,
-                in_f,
-                r,
-                &mut dx,
-                0,
-                in_f,
-                true,
-                View::rows(u, 0, r),
-                View::rows(a, 0, in_f),
-                self.scale,
-                Threads::All,
-            ),
-            Some(m) => {
-                let mut v = vec![0f32; rows * in_f];
-                gemm(
-                    rows,
-                    in_f,
-                    r,
-                    &mut v,
-                    0,
-                    in_f,
-                    false,
-                    View::rows(u, 0, r),
-                    View::rows(a, 0, in_f),
-                    1.0,
-                    Threads::All,
-                );
-                for (i, (d, v)) in dx.iter_mut().zip(&v).enumerate() {
-                    *d += self.scale * (m.factor(i) * v);
-                }
-            }
-        }
-        Ok(dx)
-    }
+/// `xd·Aᵀ`: `[rows, r]`, the rank-r intermediate (recomputed in the backward rather than kept).
+fn rank_product(xd: View, a: View) -> Vec<f32> {
+    let mut t = vec![0f32; xd.rows * a.rows];
+    product(xd, a.t()).write(&mut t, 0, a.rows);
+    t
 }

@@ -8,6 +8,12 @@
 //!
 //! CPU kernels compute in f32 whatever the storage dtype (f32, bf16, f16) and round once on output;
 //! the CUDA kernels do the same (f32, bf16, f16).
+//!
+//! Three ops are built around matrix products and exist on the CPU only, in f32 (the CPU build's
+//! dtype): the LoRA layer (`lora_linear`), attention, and the LM head + cross-entropy's inner loop. Their
+//! value there is memory: the composed versions leave five to seven full-size tensors per layer in
+//! candle's graph until the step ends. On other devices they run composed from candle ops (cuBLAS does
+//! the products), through the same function, so callers never choose.
 
 pub mod attention;
 mod cpu_gemm;
@@ -102,6 +108,20 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: 
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: {what} must be contiguous (layout {layout:?})"),
+    }
+}
+
+/// The f32 elements of a contiguous CPU storage (as `Tensor::storage_and_layout` gives it), or an
+/// error naming the op.
+pub(crate) fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => contiguous(data, layout, op, what),
+        _ => candle_core::bail!("{op}: {what} must be f32 on the CPU"),
     }
 }
 
