@@ -23,7 +23,10 @@ fn main() {
         return;
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    // read when the script runs, not when it is compiled: a target directory shared by two checkouts
+    // reuses the compiled script, and a baked-in path would point at the other checkout
+    let kernels =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR")).join("kernels");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let cap = cap.trim().trim_start_matches("sm_").trim_start_matches("compute_").replace('.', "");
     let nvcc =

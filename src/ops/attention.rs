@@ -9,9 +9,13 @@
 //! reads.
 //!
 //! CPU, f32: each (row, KV head) pair is one task with its own `t × keys` scratch. Other devices and
-//! dtypes use [`reference`], the composed version the tests compare this op against.
+//! dtypes run [`reference`] (candle ops: cuBLAS products and candle's softmax kernel on the GPU) inside a
+//! recomputing op: the forward runs without a graph and the backward runs it again with one, so the
+//! graph keeps the same four tensors as the fused op, and the scores exist for one layer at a time.
+//! Without it, a 1B model at 8 × 1024 tokens would keep about 1 GB of f32 scores and probabilities per
+//! layer.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, D};
 use rayon::prelude::*;
 
 use super::cpu_f32;
@@ -42,7 +46,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     }
     let fused = q.device().is_cpu() && [q, k, v].iter().all(|x| x.dtype() == DType::F32);
     if !fused {
-        return reference(q, k, v, bias)?.transpose(1, 2)?.reshape((b, t, nh * d));
+        return recomputed(q, k, v, bias);
     }
     let op = Attention { bias: bias.map(Tensor::contiguous).transpose()?, scale: 1.0 / (d as f32).sqrt() };
     let out = last_dim_contiguous(q)?.apply_op3(&last_dim_contiguous(k)?, &last_dim_contiguous(v)?, op)?;
@@ -65,6 +69,90 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
     let out = probs.reshape((b, nkv, rep * t, tk))?.matmul(&v.contiguous()?)?;
     out.reshape((b, nh, t, d))
+}
+
+/// [`reference`] as one recomputing op (what non-CPU devices and bf16 run): `[b, t, heads · d]`.
+pub fn recomputed(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let out = reference(&q.detach(), &k.detach(), &v.detach(), bias)?.transpose(1, 2)?.contiguous()?;
+    if ![q, k, v].iter().any(|x| x.track_op()) {
+        // nothing to differentiate (generation): no op, no copy
+        return out.reshape((b, t, nh * d));
+    }
+    let op = Recompute { out: std::sync::Mutex::new(Some(out)), bias: bias.cloned() };
+    q.apply_op3(k, v, op)?.reshape((b, t, nh * d))
+}
+
+/// Hands over an output computed without a graph; its backward recomputes it with one.
+struct Recompute {
+    /// `[b, t, heads, d]`, taken by the forward (so the graph does not keep a second copy).
+    out: std::sync::Mutex<Option<Tensor>>,
+    bias: Option<Tensor>,
+}
+
+impl Recompute {
+    fn take<S>(&self, of: fn(&Storage) -> Result<&S>) -> Result<(S, Shape)>
+    where
+        S: candle_core::backend::BackendStorage,
+    {
+        let out = self.out.lock().unwrap().take();
+        let Some(out) = out else { candle_core::bail!("{OP}: recomputing op applied twice") };
+        let (s, l) = out.storage_and_layout();
+        Ok((of(&s)?.try_clone(l)?, out.shape().clone()))
+    }
+}
+
+impl CustomOp3 for Recompute {
+    fn name(&self) -> &'static str {
+        "candor-attention-recompute"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.take(|s| match s {
+            Storage::Cpu(c) => Ok(c),
+            _ => candle_core::bail!("{OP}: output not on the CPU"),
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.take(|s| match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => candle_core::bail!("{OP}: output not on the GPU"),
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        d_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) =
+            (Var::from_tensor(&q.detach())?, Var::from_tensor(&k.detach())?, Var::from_tensor(&v.detach())?);
+        let out = reference(&q, &k, &v, self.bias.as_ref())?.transpose(1, 2)?;
+        let loss = (out.to_dtype(DType::F32)? * d_out.detach().to_dtype(DType::F32)?)?.sum_all()?;
+        let grads = loss.backward()?;
+        Ok((grads.get(&q).cloned(), grads.get(&k).cloned(), grads.get(&v).cloned()))
+    }
 }
 
 fn last_dim_contiguous(x: &Tensor) -> Result<Tensor> {

@@ -8,10 +8,14 @@
 //! gradient. When the input needs no gradient (layer 0's q, k and v read the frozen embeddings) the
 //! `dy·W` product is skipped.
 //!
-//! CPU, f32 (the CPU build's dtype). Other devices and dtypes use [`reference`], the same computation
-//! from candle ops, which the tests compare this op against.
+//! On the CPU in f32 (the CPU build's dtype) both directions are our own loops over `gemm`. Elsewhere
+//! (CUDA, bf16) the same op runs the same math through candle's backend: cuBLAS products on the
+//! storages in the forward, candle tensor ops in the backward; the graph keeps the same three tensors,
+//! and a dropout mask is kept as one byte per element on the device. [`reference`] is the composed
+//! version the tests compare both paths against.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::cpu_f32;
 use super::cpu_gemm::{product, View};
@@ -59,14 +63,52 @@ pub fn lora_linear(
             candle_core::bail!("lora_linear: dropout mask shorter than the input");
         }
     }
-    if !supported(x, weight, bias) {
-        return reference(x, weight, bias, a, b, scale, mask.as_ref());
-    }
+    apply(x, weight, bias, a, b, scale, mask, !supported(x, weight, bias))
+}
+
+/// The op's device-agnostic path (candle backend products), which CUDA and bf16 run, forced on any
+/// device: for the tests, which check it on the CPU.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_generic(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<DropoutMask>,
+) -> Result<Tensor> {
+    apply(x, weight, bias, a, b, scale, mask, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<DropoutMask>,
+    generic: bool,
+) -> Result<Tensor> {
+    let in_f = weight.dim(1)?;
+    let rows = x.elem_count() / in_f;
+    // the generic path keeps the mask on the device as one byte per element
+    let mask_bytes = match (&mask, generic) {
+        (Some(m), true) => {
+            let v: Vec<u8> = (0..rows * in_f).map(|i| (m.factor(i) != 0.0) as u8).collect();
+            Some(Tensor::from_vec(v, (rows, in_f), x.device())?)
+        }
+        _ => None,
+    };
     let op = LoraLinear {
         weight: weight.contiguous()?,
         bias: bias.map(Tensor::contiguous).transpose()?,
         scale: scale as f32,
         mask,
+        mask_bytes,
+        generic,
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
@@ -102,6 +144,10 @@ struct LoraLinear {
     bias: Option<Tensor>,
     scale: f32,
     mask: Option<DropoutMask>,
+    /// The mask as 0/1 bytes `[rows, in]` on the op's device (generic path only).
+    mask_bytes: Option<Tensor>,
+    /// Run the device-agnostic path (always off the CPU, and for bf16/f16).
+    generic: bool,
 }
 
 const OP: &str = "lora_linear";
@@ -135,6 +181,9 @@ impl CustomOp3 for LoraLinear {
         b_s: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.generic {
+            return self.generic_fwd(xs, xl, a_s, al, b_s, bl, as_cpu);
+        }
         let (r, in_f) = al.shape().dims2()?;
         let out_f = bl.shape().dims2()?.0;
         let x = f32_slice(xs, xl, "x")?;
@@ -163,6 +212,19 @@ impl CustomOp3 for LoraLinear {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        a_s: &candle_core::CudaStorage,
+        al: &Layout,
+        b_s: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.generic_fwd(xs, xl, a_s, al, b_s, bl, as_cuda)
+    }
+
     fn bwd(
         &self,
         x_t: &Tensor,
@@ -171,6 +233,9 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy_t: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.generic || !x_t.device().is_cpu() {
+            return self.generic_bwd(x_t, a_t, b_t, dy_t);
+        }
         let (r, in_f) = a_t.dims2()?;
         let out_f = b_t.dim(0)?;
         let rows = x_t.elem_count() / in_f;
@@ -225,6 +290,112 @@ impl CustomOp3 for LoraLinear {
             Some(Tensor::from_vec(da, (r, in_f), device)?),
             Some(Tensor::from_vec(db, (out_f, r), device)?),
         ))
+    }
+}
+
+fn as_cpu(s: &Storage) -> Result<&CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("{OP}: the weights are not on the CPU"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn as_cuda(s: &Storage) -> Result<&candle_core::CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("{OP}: the weights are not on the GPU"),
+    }
+}
+
+impl LoraLinear {
+    /// The forward on any backend's storages: `y = x·Wᵀ (+ bias) + (s·(xd·Aᵀ)·Bᵀ)` with the LoRA part
+    /// in f32 and rounded once to `x`'s dtype, as [`reference`] computes it.
+    #[allow(clippy::too_many_arguments)]
+    fn generic_fwd<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        a: &S,
+        al: &Layout,
+        b: &S,
+        bl: &Layout,
+        of: fn(&Storage) -> Result<&S>,
+    ) -> Result<(S, Shape)> {
+        use candle_core::op::{Add, Mul};
+        let (r, in_f) = al.shape().dims2()?;
+        let out_f = bl.shape().dims2()?.0;
+        let rows = xl.shape().elem_count() / in_f;
+        let (lx, ly, lt) = (
+            Layout::contiguous((rows, in_f)),
+            Layout::contiguous((rows, out_f)),
+            Layout::contiguous((rows, r)),
+        );
+        let x2 = Layout::contiguous_with_offset((rows, in_f), xl.start_offset());
+        let (ws, wl) = self.weight.storage_and_layout();
+        let mut y = x.matmul(of(&ws)?, (1, rows, out_f, in_f), &x2, &wl.transpose(0, 1)?)?;
+        if let Some(bias) = &self.bias {
+            let (bs, bias_l) = bias.storage_and_layout();
+            y = y.binary_impl::<Add>(of(&bs)?, &ly, &bias_l.broadcast_as((rows, out_f))?)?;
+        }
+        let mut xd = x.to_dtype(&x2, DType::F32)?;
+        if let (Some(bytes), Some(mask)) = (&self.mask_bytes, &self.mask) {
+            let (ms, ml) = bytes.storage_and_layout();
+            let factor = of(&ms)?.to_dtype(ml, DType::F32)?.affine(&lx, mask.scale as f64, 0.0)?;
+            xd = xd.binary_impl::<Mul>(&factor, &lx, &lx)?;
+        }
+        let t = xd.matmul(a, (1, rows, r, in_f), &lx, &al.transpose(0, 1)?)?.affine(
+            &lt,
+            self.scale as f64,
+            0.0,
+        )?;
+        let mut delta = t.matmul(b, (1, rows, out_f, r), &lt, &bl.transpose(0, 1)?)?;
+        if delta.dtype() != y.dtype() {
+            delta = delta.to_dtype(&ly, y.dtype())?;
+        }
+        let y = y.binary_impl::<Add>(&delta, &ly, &ly)?;
+        let mut dims = xl.shape().dims().to_vec();
+        *dims.last_mut().unwrap() = out_f;
+        Ok((y, Shape::from(dims)))
+    }
+
+    /// The backward from candle tensor ops (any device, any dtype of `x`).
+    fn generic_bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let rows = x.elem_count() / in_f;
+        let s = self.scale as f64;
+        let (a, b) = (a.detach(), b.detach());
+        let dy = dy.detach().reshape((rows, out_f))?;
+        let dy32 = dy.to_dtype(DType::F32)?;
+        let factor = match (&self.mask_bytes, &self.mask) {
+            (Some(bytes), Some(mask)) => Some(bytes.to_dtype(DType::F32)?.affine(mask.scale as f64, 0.0)?),
+            _ => None,
+        };
+        let mut xd = x.detach().reshape((rows, in_f))?.to_dtype(DType::F32)?;
+        if let Some(f) = &factor {
+            xd = (xd * f)?;
+        }
+        // u = dy·B ; dA = s·uᵀ·xd ; dB = s·dyᵀ·(xd·Aᵀ)
+        let u = dy32.matmul(&b)?;
+        let da = u.t()?.matmul(&xd)?.affine(s, 0.0)?;
+        let db = dy32.t()?.matmul(&xd.matmul(&a.t()?)?)?.affine(s, 0.0)?;
+        let dx = if x.track_op() {
+            let mut dxd = u.matmul(&a)?.affine(s, 0.0)?;
+            if let Some(f) = &factor {
+                dxd = (dxd * f)?;
+            }
+            let dx = (dy.matmul(&self.weight)? + dxd.to_dtype(x.dtype())?)?;
+            Some(dx.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
     }
 }
 
