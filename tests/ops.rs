@@ -85,10 +85,13 @@ fn check<F, G>(
     F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
     G: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
 {
-    check_to(what, rng, inputs, dtype, view, ours, reference, tol(dtype))
+    // inputs are O(1): an absolute error of 1e-7 is rounding even where the result nearly cancels to
+    // zero (one element of a saturated sigmoid's gradient)
+    check_to(what, rng, inputs, dtype, view, ours, reference, (tol(dtype), 1e-7))
 }
 
-/// [`check`] with an explicit relative tolerance.
+/// [`check`] with an explicit relative tolerance, and an absolute error below which any result passes
+/// (for outputs that are a difference of much larger terms).
 #[allow(clippy::too_many_arguments)]
 fn check_to<F, G>(
     what: &str,
@@ -98,7 +101,7 @@ fn check_to<F, G>(
     view: &dyn Fn(usize, &Tensor) -> Tensor,
     ours: F,
     reference: G,
-    tol: f32,
+    (tol, abs_tol): (f32, f32),
 ) where
     F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
     G: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
@@ -114,7 +117,17 @@ fn check_to<F, G>(
     let out = ours(&args_low).unwrap();
     let out_ref = reference(&args_f32).unwrap();
     assert_eq!(out.dtype(), dtype, "{what}: output dtype");
-    assert_close(&format!("{what} {dtype:?} forward"), seed, &out, &out_ref, tol);
+    let close = |what: String, ours: &Tensor, theirs: &Tensor| {
+        let (abs, rel) = errors(ours, theirs);
+        // f16 keeps values below 6e-5 as subnormals 6e-8 apart: a tensor whose largest value is that
+        // small (one element, a saturated sigmoid's gradient) cannot be closer than a few such steps
+        let floor = if dtype == DType::F16 { abs_tol.max(2.4e-7) } else { abs_tol };
+        assert!(
+            rel <= tol || abs <= floor,
+            "{what}: max abs error {abs:.3e}, relative {rel:.3e} > {tol:.0e} (CANDOR_TEST_SEED={seed})"
+        );
+    };
+    close(format!("{what} {dtype:?} forward"), &out, &out_ref);
 
     let r = rng.tensor(out.dims(), 1.0).to_dtype(dtype).unwrap();
     let loss =
@@ -126,7 +139,7 @@ fn check_to<F, G>(
         let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient for input {i}"));
         let g_ref = grads_ref.get(v_ref.as_tensor()).unwrap();
         assert_eq!(g.dtype(), dtype);
-        assert_close(&format!("{what} {dtype:?} gradient of input {i}"), seed, g, g_ref, tol);
+        close(format!("{what} {dtype:?} gradient of input {i}"), g, g_ref);
     }
 }
 
@@ -474,7 +487,8 @@ fn bit_mask_dropout_equals_the_composed_mask_exactly() {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
     };
     assert!(bits(&fused) == bits(&composed), "dropout values differ from the composed mask");
-    let zeros = bits(&fused).iter().filter(|&&b| b == 0).count();
+    // dropped elements are +0 or -0 (x · 0 keeps x's sign)
+    let zeros = bits(&fused).iter().filter(|&&b| f32::from_bits(b) == 0.0).count();
     assert!(zeros > 200 && zeros < 800, "about 10% dropped: {zeros} of {}", x.elem_count());
     let g_fused = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
     let g_comp = (composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -514,8 +528,10 @@ fn lora_linear_matches_the_composed_layer() {
             |t| lora_linear::reference(&t[0], &w, bias, &t[1], &t[2], 1.5, mask.as_ref()),
         );
         // the device-agnostic path (what CUDA runs), in f32 and with a bf16 base as on the GPU; A and B
-        // stay f32 as in the model
-        for dtype in [DType::F32, DType::BF16] {
+        // stay f32 as in the model (bf16 only with enough outputs: of three, all can be small, and then
+        // bf16's rounding of x·Wᵀ is a sizeable part of the largest)
+        let dtypes: &[DType] = if out >= 6 { &[DType::F32, DType::BF16] } else { &[DType::F32] };
+        for &dtype in dtypes {
             let w_low = w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
             let bias_low = bias.map(|b| b.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
             check(
@@ -618,7 +634,9 @@ fn attention_matches_the_composed_reference() {
             // the softmax backward subtracts nearly equal terms (dP − rowsum(dO ⊙ O)): both sides round
             // differently at the 1e-6 level relative to the largest gradient
             let fused = |x: &[Tensor]| attention::attention(&x[0], &x[1], &x[2], bias.as_ref());
-            check_to(&what, &mut rng, &inputs, DType::F32, &view, fused, reference, 1e-4);
+            // with two keys q's gradient can nearly cancel: its terms are O(1), so 1e-6 absolute is
+            // rounding, whatever the (small) result
+            check_to(&what, &mut rng, &inputs, DType::F32, &view, fused, reference, (1e-4, 1e-6));
             // what other devices and bf16 run: the composed version inside a recomputing op
             // (bf16 only with enough keys: with two, q's gradient can cancel to ~0 and bf16 rounding is
             // all that is left of it)
@@ -635,7 +653,7 @@ fn attention_matches_the_composed_reference() {
                     &view,
                     recomputed,
                     reference,
-                    tol,
+                    (tol, 1e-6),
                 );
             }
         }

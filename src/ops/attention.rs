@@ -18,8 +18,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, D};
 use rayon::prelude::*;
 
-use super::cpu_f32;
 use super::cpu_gemm::{product, View};
+use super::{cpu_f32, exp_f32};
 
 /// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
@@ -307,15 +307,9 @@ impl<'a> Ctx<'a> {
                     row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
                 }
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    let z = *s - max;
-                    // below −104, exp underflows to exactly 0 in f32; masked scores land here, and
-                    // skipping libm's slow underflow path for them changes no value
-                    *s = if z < -104.0 { 0.0 } else { z.exp() };
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
+                // masked scores (bias f32::MIN) come out as exactly 0
+                row.iter_mut().for_each(|s| *s = exp_f32(*s - max));
+                let inv = 1.0 / row.iter().sum::<f32>();
                 row.iter_mut().for_each(|s| *s *= inv);
             }
         }

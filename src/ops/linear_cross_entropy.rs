@@ -13,8 +13,8 @@
 use candle_core::{DType, Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_f32;
 use super::cpu_gemm::{product, View};
+use super::{cpu_f32, exp_f32};
 
 /// Logit elements per chunk (24 MB in f32, under glibc's largest mmap threshold, so chunks reuse heap
 /// memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
@@ -125,11 +125,8 @@ fn cpu_loss_and_grad(
 fn softmax_row_loss(row: &mut [f32], label: usize, grad: bool) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let picked = row[label];
-    let mut sum = 0f64;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x as f64;
-    }
+    row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+    let sum: f64 = row.iter().map(|&x| x as f64).sum();
     if grad {
         let inv = (1.0 / sum) as f32;
         row.iter_mut().for_each(|x| *x *= inv);

@@ -125,6 +125,41 @@ pub(crate) fn cpu_f32<'a>(
     }
 }
 
+/// `e^x` in f32 within 2 ulp, written so loops over slices vectorise (libm's `expf` is a call per element
+/// and was 4% of a CPU training step). Cephes' method: `x = n·ln2 + r`, a degree-6 polynomial for `e^r`,
+/// `2^n` from the exponent bits. Below −87.3 (where `e^x` leaves the normal range) it returns 0, which
+/// makes masked attention scores exactly zero; above 88.7 it returns +∞.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n·LN2_HI is exact
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // adding and subtracting 1.5·2^23 rounds to the nearest integer without a rounding instruction
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.33, 88.72);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // 2^n in two factors, so n = 128 (x near 88.7) does not overflow the exponent field
+    let n = n as i32;
+    let pow2 = |k: i32| f32::from_bits(((k + 127) << 23) as u32);
+    let y = e * pow2(n >> 1) * pow2(n - (n >> 1));
+    if x < -87.33 {
+        0.0
+    } else if x > 88.72 {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
 /// Rows per rayon task so that each task touches at least ~32k elements (smaller tasks cost more in
 /// scheduling than they save on two to sixteen cores).
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
@@ -192,5 +227,30 @@ pub(crate) mod cuda {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        let mut x = -87.3f32;
+        while x < 88.7 {
+            let exact = (x as f64).exp();
+            let err = ((exp_f32(x) as f64 - exact) / exact).abs();
+            worst = worst.max(err);
+            x += 0.000_97;
+        }
+        // two ulp of f32 is 2.4e-7 relative
+        assert!(worst < 2.4e-7, "max relative error {worst:e}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-88.0), 0.0);
+        assert_eq!(exp_f32(f32::MIN), 0.0);
+        assert_eq!(exp_f32(-f32::INFINITY), 0.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
     }
 }

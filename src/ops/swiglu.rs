@@ -39,7 +39,7 @@ const CHUNK: usize = 16 * 1024;
 
 #[inline(always)]
 fn sigmoid(g: f32) -> f32 {
-    1.0 / (1.0 + (-g).exp())
+    1.0 / (1.0 + super::exp_f32(-g))
 }
 
 fn forward_cpu<T: Elem>(gate: &[T], up: &[T], y: &mut [T]) {
