@@ -498,7 +498,7 @@ fn bit_mask_dropout_equals_the_composed_mask_exactly() {
 
 #[test]
 fn lora_linear_matches_the_composed_layer() {
-    use candor::ops::lora_linear::{self, DropoutMask};
+    use candor::ops::lora_linear::{DropoutMask, LoraWeights};
     let mut rng = Inputs::new();
     // (x dims, out, r, bias, dropout)
     for (dims, out, r, bias, dropout) in [
@@ -524,8 +524,11 @@ fn lora_linear_matches_the_composed_layer() {
             &inputs,
             DType::F32,
             &plain,
-            |t| lora_linear::lora_linear(&t[0], &w, bias, &t[1], &t[2], 1.5, mask.clone()),
-            |t| lora_linear::reference(&t[0], &w, bias, &t[1], &t[2], 1.5, mask.as_ref()),
+            |t| LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.forward(&t[0], mask.clone()),
+            |t| {
+                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }
+                    .reference(&t[0], mask.as_ref())
+            },
         );
         // the device-agnostic path (what CUDA runs), in f32 and with a bf16 base as on the GPU; A and B
         // stay f32 as in the model (bf16 only with enough outputs: of three, all can be small, and then
@@ -544,10 +547,18 @@ fn lora_linear_matches_the_composed_layer() {
                     let (w, bias) =
                         (w_low.to_dtype(dtype)?, bias_low.as_ref().map(|b| b.to_dtype(dtype)).transpose()?);
                     let (a, b) = (t[1].to_dtype(DType::F32)?, t[2].to_dtype(DType::F32)?);
-                    lora_linear::lora_linear_generic(&t[0], &w, bias.as_ref(), &a, &b, 1.5, mask.clone())
+                    let weights = LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
+                    weights.forward_generic(&t[0], mask.clone())
                 },
                 |t| {
-                    lora_linear::reference(&t[0], &w_low, bias_low.as_ref(), &t[1], &t[2], 1.5, mask.as_ref())
+                    let weights = LoraWeights {
+                        weight: &w_low,
+                        bias: bias_low.as_ref(),
+                        a: &t[1],
+                        b: &t[2],
+                        scale: 1.5,
+                    };
+                    weights.reference(&t[0], mask.as_ref())
                 },
             );
         }
@@ -556,25 +567,21 @@ fn lora_linear_matches_the_composed_layer() {
     let x = rng.tensor(&[4, 6], 1.0);
     let (a, b) = (rng.var(&[2, 6], 0.5), rng.var(&[5, 2], 0.5));
     let w = rng.tensor(&[5, 6], 0.5);
-    let y = lora_linear::lora_linear(&x, &w, None, a.as_tensor(), b.as_tensor(), 2.0, None).unwrap();
-    let y_ref = lora_linear::reference(&x, &w, None, a.as_tensor(), b.as_tensor(), 2.0, None).unwrap();
+    let weights = LoraWeights { weight: &w, bias: None, a: a.as_tensor(), b: b.as_tensor(), scale: 2.0 };
+    let y = weights.forward(&x, None).unwrap();
+    let y_ref = weights.reference(&x, None).unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
     let g_ref = y_ref.sum_all().unwrap().backward().unwrap();
     for v in [&a, &b] {
         assert_close("lora_linear frozen input", rng.seed, g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-5);
     }
-    // shapes that do not fit are an error
-    assert!(lora_linear::lora_linear(&x, &w, None, b.as_tensor(), a.as_tensor(), 2.0, None).is_err());
-    assert!(lora_linear::lora_linear(
-        &x.to_dtype(DType::BF16).unwrap(),
-        &w,
-        None,
-        a.as_tensor(),
-        b.as_tensor(),
-        2.0,
-        None
-    )
-    .is_err());
+    // operands that do not fit are an error, on both paths
+    let swapped = LoraWeights { a: b.as_tensor(), b: a.as_tensor(), ..weights };
+    assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, None).is_err());
+    let a16 = a.as_tensor().to_dtype(DType::BF16).unwrap();
+    assert!(LoraWeights { a: &a16, ..weights }.forward(&x, None).is_err(), "A must be f32");
+    let (long_x, short) = (rng.tensor(&[20, 6], 1.0), DropoutMask::draw(10, 1.25, || true));
+    assert!(weights.forward(&long_x, Some(short)).is_err(), "mask shorter than the input");
 }
 
 /// `[b, 1, t, keys]` additive bias: causal over the last `t` keys (earlier keys are a cache), with

@@ -178,11 +178,13 @@ fn lora_case(
         ],
         ours: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
-            ops::lora_linear(&a[0], &a[1], None, &la, &lb, 1.5, Some(mask.clone()))
+            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }
+                .forward(&a[0], Some(mask.clone()))
         }),
         reference: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
-            ops::lora_linear::reference(&a[0], &a[1], None, &la, &lb, 1.5, Some(&mask2))
+            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }
+                .reference(&a[0], Some(&mask2))
         }),
     })
 }

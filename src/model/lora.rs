@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::error::{CandorError, Result};
 use crate::ops::dropout::DropoutMask;
-use crate::ops::{frozen_linear, lora_linear};
+use crate::ops::{frozen_linear, LoraWeights};
 
 /// The seven projection names a decoder layer has.
 pub const ALL_LINEAR: &[&str] =
@@ -214,7 +214,9 @@ impl LoraLinear {
         } else {
             (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
         };
-        Ok(lora_linear(x, &self.weight, self.bias.as_ref(), &a, &b, lora.scale, mask)?)
+        let weights =
+            LoraWeights { weight: &self.weight, bias: self.bias.as_ref(), a: &a, b: &b, scale: lora.scale };
+        Ok(weights.forward(x, mask)?)
     }
 
     /// `W + scale · B·A`, computed in f32 (the merge used by export).

@@ -11,7 +11,7 @@
 //! On the CPU in f32 (the CPU build's dtype) both directions are our own loops over `gemm`. Elsewhere
 //! (CUDA, bf16) the same op runs the same math through candle's backend: cuBLAS products on the
 //! storages in the forward, candle tensor ops in the backward; the graph keeps the same three tensors,
-//! and a dropout mask is kept as one byte per element on the device. [`reference`] is the composed
+//! and a dropout mask is kept as one byte per element on the device. [`LoraWeights::reference`] is the composed
 //! version the tests compare both paths against.
 
 use candle_core::backend::BackendStorage;
@@ -21,7 +21,7 @@ use super::cpu_f32;
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
 
-/// Whether [`lora_linear`] runs fused for these operands (CPU, all f32).
+/// Whether [`LoraWeights::forward`] runs the CPU path for these operands (CPU, all f32).
 pub fn supported(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu()
         && x.dtype() == DType::F32
@@ -29,116 +29,102 @@ pub fn supported(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
         && bias.is_none_or(|b| b.dtype() == DType::F32)
 }
 
-/// The LoRA layer: fused when [`supported`], else [`reference`]. `x: [.., in]`, `weight: [out, in]`,
-/// `bias: [out]`, `a: [r, in]`, `b: [out, r]` (f32), `mask` over `x`'s elements.
-#[allow(clippy::too_many_arguments)]
-pub fn lora_linear(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    mask: Option<DropoutMask>,
-) -> Result<Tensor> {
-    let (out_f, in_f) = weight.dims2()?;
-    let (r, a_in) = a.dims2()?;
-    if x.dim(candle_core::D::Minus1)? != in_f || a_in != in_f || b.dims() != [out_f, r] {
-        candle_core::bail!(
-            "lora_linear: x {:?}, weight {:?}, A {:?}, B {:?} do not fit",
-            x.dims(),
-            weight.dims(),
-            a.dims(),
-            b.dims()
-        );
+/// One LoRA layer's operands: the frozen `weight: [out, in]` and `bias: [out]`, the trainable
+/// `a: [r, in]` and `b: [out, r]` (f32), and the scale `s`.
+#[derive(Clone, Copy)]
+pub struct LoraWeights<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+}
+
+impl LoraWeights<'_> {
+    /// The layer on `x: [.., in]` as one op: the CPU f32 path where [`supported`], else the
+    /// device-agnostic path. `mask` covers `x`'s elements.
+    pub fn forward(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
+        self.apply(x, mask, !supported(x, self.weight, self.bias))
     }
-    if bias.is_some_and(|b| b.dims() != [out_f]) {
-        candle_core::bail!("lora_linear: bias shape {:?}, expected [{out_f}]", bias.unwrap().dims());
+
+    /// The op's device-agnostic path (candle backend products), which CUDA and bf16 run, forced on any
+    /// device: for the tests, which check it on the CPU.
+    pub fn forward_generic(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
+        self.apply(x, mask, true)
     }
-    if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
-        candle_core::bail!("lora_linear: A and B must be f32, got {:?} and {:?}", a.dtype(), b.dtype());
-    }
-    if let Some(m) = &mask {
-        if m.len() < x.elem_count() {
-            candle_core::bail!("lora_linear: dropout mask shorter than the input");
+
+    fn check(&self, x: &Tensor, mask: Option<&DropoutMask>) -> Result<()> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let (r, a_in) = self.a.dims2()?;
+        if x.dim(candle_core::D::Minus1)? != in_f || a_in != in_f || self.b.dims() != [out_f, r] {
+            candle_core::bail!(
+                "{OP}: x {:?}, weight {:?}, A {:?}, B {:?} do not fit",
+                x.dims(),
+                self.weight.dims(),
+                self.a.dims(),
+                self.b.dims()
+            );
         }
-    }
-    apply(x, weight, bias, a, b, scale, mask, !supported(x, weight, bias))
-}
-
-/// The op's device-agnostic path (candle backend products), which CUDA and bf16 run, forced on any
-/// device: for the tests, which check it on the CPU.
-#[allow(clippy::too_many_arguments)]
-pub fn lora_linear_generic(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    mask: Option<DropoutMask>,
-) -> Result<Tensor> {
-    apply(x, weight, bias, a, b, scale, mask, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    mask: Option<DropoutMask>,
-    generic: bool,
-) -> Result<Tensor> {
-    let in_f = weight.dim(1)?;
-    let rows = x.elem_count() / in_f;
-    // the generic path keeps the mask on the device as one byte per element
-    let mask_bytes = match (&mask, generic) {
-        (Some(m), true) => {
-            let v: Vec<u8> = (0..rows * in_f).map(|i| (m.factor(i) != 0.0) as u8).collect();
-            Some(Tensor::from_vec(v, (rows, in_f), x.device())?)
+        if let Some(bias) = self.bias.filter(|b| b.dims() != [out_f]) {
+            candle_core::bail!("{OP}: bias shape {:?}, expected [{out_f}]", bias.dims());
         }
-        _ => None,
-    };
-    let op = LoraLinear {
-        weight: weight.contiguous()?,
-        bias: bias.map(Tensor::contiguous).transpose()?,
-        scale: scale as f32,
-        mask,
-        mask_bytes,
-        generic,
-    };
-    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
-}
+        if self.a.dtype() != DType::F32 || self.b.dtype() != DType::F32 {
+            candle_core::bail!(
+                "{OP}: A and B must be f32, got {:?} and {:?}",
+                self.a.dtype(),
+                self.b.dtype()
+            );
+        }
+        if mask.is_some_and(|m| m.len() < x.elem_count()) {
+            candle_core::bail!("{OP}: dropout mask shorter than the input");
+        }
+        Ok(())
+    }
 
-/// The same layer from plain candle ops, differentiable in x, A and B (W and the bias are constants).
-pub fn reference(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-    mask: Option<&DropoutMask>,
-) -> Result<Tensor> {
-    let y = super::frozen_linear(x, weight, bias)?;
-    let in_f = weight.dim(1)?;
-    let mut h = x.reshape((x.elem_count() / in_f, in_f))?.to_dtype(DType::F32)?;
-    if let Some(m) = mask {
-        h = if h.device().is_cpu() {
-            h.contiguous()?.apply_op1(m.clone())?
-        } else {
-            h.mul(&m.to_tensor(h.shape(), h.device())?)?
+    fn apply(&self, x: &Tensor, mask: Option<DropoutMask>, generic: bool) -> Result<Tensor> {
+        self.check(x, mask.as_ref())?;
+        let in_f = self.weight.dim(1)?;
+        let rows = x.elem_count() / in_f;
+        // the generic path keeps the mask on the device as one byte per element
+        let mask_bytes = match (&mask, generic) {
+            (Some(m), true) => {
+                let v: Vec<u8> = (0..rows * in_f).map(|i| (m.factor(i) != 0.0) as u8).collect();
+                Some(Tensor::from_vec(v, (rows, in_f), x.device())?)
+            }
+            _ => None,
         };
+        let op = LoraLinear {
+            weight: self.weight.contiguous()?,
+            bias: self.bias.map(Tensor::contiguous).transpose()?,
+            scale: self.scale as f32,
+            mask,
+            mask_bytes,
+            generic,
+        };
+        x.contiguous()?.apply_op3(&self.a.contiguous()?, &self.b.contiguous()?, op)
     }
-    // scale the rank-r intermediate, not the full-width output
-    let delta = h.matmul(&a.t()?)?.affine(scale, 0.0)?.matmul(&b.t()?)?;
-    let delta = delta.to_dtype(y.dtype())?.reshape(y.shape())?;
-    y + delta
+
+    /// The same layer from plain candle ops, differentiable in x, A and B (W and the bias are
+    /// constants).
+    pub fn reference(&self, x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+        let y = super::frozen_linear(x, self.weight, self.bias)?;
+        let in_f = self.weight.dim(1)?;
+        let mut h = x.reshape((x.elem_count() / in_f, in_f))?.to_dtype(DType::F32)?;
+        if let Some(m) = mask {
+            h = if h.device().is_cpu() {
+                h.contiguous()?.apply_op1(m.clone())?
+            } else {
+                h.mul(&m.to_tensor(h.shape(), h.device())?)?
+            };
+        }
+        // scale the rank-r intermediate, not the full-width output
+        let delta = h.matmul(&self.a.t()?)?.affine(self.scale, 0.0)?.matmul(&self.b.t()?)?;
+        let delta = delta.to_dtype(y.dtype())?.reshape(y.shape())?;
+        y + delta
+    }
 }
 
+/// The op itself; built by [`LoraWeights::forward`].
 struct LoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -310,7 +296,7 @@ fn as_cuda(s: &Storage) -> Result<&candle_core::CudaStorage> {
 
 impl LoraLinear {
     /// The forward on any backend's storages: `y = x·Wᵀ (+ bias) + (s·(xd·Aᵀ)·Bᵀ)` with the LoRA part
-    /// in f32 and rounded once to `x`'s dtype, as [`reference`] computes it.
+    /// in f32 and rounded once to `x`'s dtype, as [`LoraWeights::reference`] computes it.
     #[allow(clippy::too_many_arguments)]
     fn generic_fwd<S: BackendStorage>(
         &self,
