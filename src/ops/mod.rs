@@ -15,6 +15,28 @@
 //! candle's graph until the step ends. On other devices they run composed from candle ops (cuBLAS does
 //! the products), through the same function, so callers never choose.
 
+/// `$body` with the type `$t` bound to `$dtype`'s element type (f32, bf16 or f16), or an error naming
+/// `$op` for any other dtype: the one dtype dispatch of the elementwise ops' CPU and CUDA entry points.
+macro_rules! with_float_type {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {other:?}", $op),
+        }
+    };
+}
+
 pub mod attention;
 mod cpu_gemm;
 pub mod dropout;

@@ -145,12 +145,7 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match x.dtype() {
-            DType::F32 => self.cpu::<f32>(x, xl, w, wl)?,
-            DType::BF16 => self.cpu::<half::bf16>(x, xl, w, wl)?,
-            DType::F16 => self.cpu::<half::f16>(x, xl, w, wl)?,
-            other => candle_core::bail!("rms_norm: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(x.dtype(), "rms_norm", T => self.cpu::<T>(x, xl, w, wl)?);
         Ok((out, xl.shape().clone()))
     }
 
@@ -162,12 +157,7 @@ impl CustomOp2 for RmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = match x.dtype() {
-            DType::F32 => gpu::forward::<f32>(x, xl, w, wl, self.eps)?,
-            DType::BF16 => gpu::forward::<half::bf16>(x, xl, w, wl, self.eps)?,
-            DType::F16 => gpu::forward::<half::f16>(x, xl, w, wl, self.eps)?,
-            other => candle_core::bail!("rms_norm: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(x.dtype(), "rms_norm", T => gpu::forward::<T>(x, xl, w, wl, self.eps)?);
         Ok((out, xl.shape().clone()))
     }
 
@@ -233,12 +223,8 @@ impl CustomOp3 for RmsNormBackward {
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let args = ((x, xl), (w, wl), (dy, dyl));
-        let out = match x.dtype() {
-            DType::F32 => self.cpu::<f32>(args.0, args.1, args.2)?,
-            DType::BF16 => self.cpu::<half::bf16>(args.0, args.1, args.2)?,
-            DType::F16 => self.cpu::<half::f16>(args.0, args.1, args.2)?,
-            other => candle_core::bail!("rms_norm backward: unsupported dtype {other:?}"),
-        };
+        let out =
+            with_float_type!(x.dtype(), "rms_norm backward", T => self.cpu::<T>(args.0, args.1, args.2)?);
         Ok((out, xl.shape().clone()))
     }
 
@@ -253,12 +239,8 @@ impl CustomOp3 for RmsNormBackward {
         dyl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let args = ((x, xl), (w, wl), (dy, dyl));
-        let out = match x.dtype() {
-            DType::F32 => gpu::backward::<f32>(args.0, args.1, args.2, self.eps)?,
-            DType::BF16 => gpu::backward::<half::bf16>(args.0, args.1, args.2, self.eps)?,
-            DType::F16 => gpu::backward::<half::f16>(args.0, args.1, args.2, self.eps)?,
-            other => candle_core::bail!("rms_norm backward: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(x.dtype(), "rms_norm backward", T =>
+            gpu::backward::<T>(args.0, args.1, args.2, self.eps)?);
         Ok((out, xl.shape().clone()))
     }
 }

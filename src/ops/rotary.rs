@@ -173,12 +173,7 @@ impl CustomOp1 for Rotary {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match x.dtype() {
-            DType::F32 => self.cpu::<f32>(x, xl)?,
-            DType::BF16 => self.cpu::<half::bf16>(x, xl)?,
-            DType::F16 => self.cpu::<half::f16>(x, xl)?,
-            other => candle_core::bail!("rope: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(x.dtype(), "rope", T => self.cpu::<T>(x, xl)?);
         Ok((out, xl.shape().clone()))
     }
 
@@ -188,12 +183,7 @@ impl CustomOp1 for Rotary {
         x: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = match x.dtype() {
-            DType::F32 => gpu::rotate::<f32>(self, x, xl)?,
-            DType::BF16 => gpu::rotate::<half::bf16>(self, x, xl)?,
-            DType::F16 => gpu::rotate::<half::f16>(self, x, xl)?,
-            other => candle_core::bail!("rope: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(x.dtype(), "rope", T => gpu::rotate::<T>(self, x, xl)?);
         Ok((out, xl.shape().clone()))
     }
 

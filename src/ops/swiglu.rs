@@ -6,7 +6,7 @@
 //! writes them into one `[2, ..]` buffer (the two gradients are views into it).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::{contiguous, cpu_output, Elem};
@@ -105,12 +105,7 @@ impl CustomOp2 for SwiGlu {
         u: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match g.dtype() {
-            DType::F32 => self.cpu::<f32>(g, gl, u, ul)?,
-            DType::BF16 => self.cpu::<half::bf16>(g, gl, u, ul)?,
-            DType::F16 => self.cpu::<half::f16>(g, gl, u, ul)?,
-            other => candle_core::bail!("swiglu: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(g.dtype(), "swiglu", T => self.cpu::<T>(g, gl, u, ul)?);
         Ok((out, gl.shape().clone()))
     }
 
@@ -123,12 +118,8 @@ impl CustomOp2 for SwiGlu {
         ul: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         same_shape(gl, ul, "swiglu")?;
-        let out = match g.dtype() {
-            DType::F32 => gpu::launch::<f32>("swiglu_fwd", &[(g, gl), (u, ul)], 1)?,
-            DType::BF16 => gpu::launch::<half::bf16>("swiglu_fwd", &[(g, gl), (u, ul)], 1)?,
-            DType::F16 => gpu::launch::<half::f16>("swiglu_fwd", &[(g, gl), (u, ul)], 1)?,
-            other => candle_core::bail!("swiglu: unsupported dtype {other:?}"),
-        };
+        let args = [(g, gl), (u, ul)];
+        let out = with_float_type!(g.dtype(), "swiglu", T => gpu::launch::<T>("swiglu_fwd", &args, 1)?);
         Ok((out, gl.shape().clone()))
     }
 
@@ -188,12 +179,7 @@ impl CustomOp3 for SwiGluBackward {
         dyl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let args = ((g, gl), (u, ul), (dy, dyl));
-        let out = match g.dtype() {
-            DType::F32 => self.cpu::<f32>(args.0, args.1, args.2)?,
-            DType::BF16 => self.cpu::<half::bf16>(args.0, args.1, args.2)?,
-            DType::F16 => self.cpu::<half::f16>(args.0, args.1, args.2)?,
-            other => candle_core::bail!("swiglu backward: unsupported dtype {other:?}"),
-        };
+        let out = with_float_type!(g.dtype(), "swiglu backward", T => self.cpu::<T>(args.0, args.1, args.2)?);
         Ok((out, backward_shape(gl)))
     }
 
@@ -210,12 +196,8 @@ impl CustomOp3 for SwiGluBackward {
         same_shape(gl, ul, "swiglu backward")?;
         same_shape(gl, dyl, "swiglu backward")?;
         let args = [(g, gl), (u, ul), (dy, dyl)];
-        let out = match g.dtype() {
-            DType::F32 => gpu::launch::<f32>("swiglu_bwd", &args, 2)?,
-            DType::BF16 => gpu::launch::<half::bf16>("swiglu_bwd", &args, 2)?,
-            DType::F16 => gpu::launch::<half::f16>("swiglu_bwd", &args, 2)?,
-            other => candle_core::bail!("swiglu backward: unsupported dtype {other:?}"),
-        };
+        let out =
+            with_float_type!(g.dtype(), "swiglu backward", T => gpu::launch::<T>("swiglu_bwd", &args, 2)?);
         Ok((out, backward_shape(gl)))
     }
 }
