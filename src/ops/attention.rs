@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{cpu_f32, exp_f32};
+use super::{cpu_f32, cpu_storage, exp_f32};
 
 /// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
@@ -116,10 +116,7 @@ impl CustomOp3 for Recompute {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.take(|s| match s {
-            Storage::Cpu(c) => Ok(c),
-            _ => candle_core::bail!("{OP}: output not on the CPU"),
-        })
+        self.take(|s| cpu_storage(s, OP))
     }
 
     #[cfg(feature = "cuda")]
@@ -132,10 +129,7 @@ impl CustomOp3 for Recompute {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.take(|s| match s {
-            Storage::Cuda(c) => Ok(c),
-            _ => candle_core::bail!("{OP}: output not on the GPU"),
-        })
+        self.take(|s| super::cuda_storage(s, OP))
     }
 
     fn bwd(
@@ -156,8 +150,7 @@ impl CustomOp3 for Recompute {
 }
 
 fn last_dim_contiguous(x: &Tensor) -> Result<Tensor> {
-    let (_, l) = x.storage_and_layout();
-    if l.stride().last() == Some(&1) {
+    if x.stride().last() == Some(&1) {
         Ok(x.clone())
     } else {
         x.contiguous()
@@ -185,6 +178,7 @@ struct Heads<'a> {
 impl<'a> Heads<'a> {
     fn new(storage: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
         let CpuStorage::F32(data) = storage else { candle_core::bail!("{OP}: {what} must be f32") };
+        // (strided: not `f32_slice`, which wants a contiguous layout)
         let (st, dims) = (l.stride(), l.dims());
         if st.len() != 4 || st[3] != 1 {
             candle_core::bail!("{OP}: {what} needs a contiguous last dimension (layout {l:?})");
@@ -386,13 +380,6 @@ impl Attention {
     }
 }
 
-fn cpu_storage(s: &Storage) -> Result<&CpuStorage> {
-    match s {
-        Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("{OP}: backward inputs must be on the CPU"),
-    }
-}
-
 /// Copies per-task `[heads_per_task, len, d]` blocks (task = row `n`, KV head `g`) into
 /// `[b, len, heads, d]`.
 fn scatter(blocks: Vec<Vec<f32>>, dims: Dims, len: usize, heads_per_task: usize, heads: usize) -> Vec<f32> {
@@ -453,9 +440,9 @@ impl CustomOp3 for Attention {
         let (gs, gl) = d_out.storage_and_layout();
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, tk, d } = dims;
-        let qh = Heads::new(cpu_storage(&qs)?, ql, "q")?;
-        let kh = Heads::new(cpu_storage(&ks)?, kl, "k")?;
-        let vh = Heads::new(cpu_storage(&vs)?, vl, "v")?;
+        let qh = Heads::new(cpu_storage(&qs, OP)?, ql, "q")?;
+        let kh = Heads::new(cpu_storage(&ks, OP)?, kl, "k")?;
+        let vh = Heads::new(cpu_storage(&vs, OP)?, vl, "v")?;
         // out and d_out are [b, t, heads, d], contiguous
         let o = cpu_f32(&os, ol, OP, "out")?;
         let go = cpu_f32(&gs, gl, OP, "grad")?;

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 /// A dropout mask: element `i` is kept and multiplied by `scale` when bit `i` of `bits` is set, else
@@ -67,16 +66,11 @@ impl CustomOp1 for DropoutMask {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = s else {
-            candle_core::bail!("dropout: expected f32, got {:?}", s.dtype())
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("dropout: input must be contiguous")
-        };
-        if end - start > self.len() {
-            candle_core::bail!("dropout: {} elements for a mask of {}", end - start, self.len());
+        let x = super::f32_slice(s, l, "dropout", "input")?;
+        if x.len() > self.len() {
+            candle_core::bail!("dropout: {} elements for a mask of {}", x.len(), self.len());
         }
-        Ok((CpuStorage::F32(self.apply(&data[start..end])), l.shape().clone()))
+        Ok((CpuStorage::F32(self.apply(x)), l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

@@ -17,9 +17,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::cpu_f32;
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
+use super::{cpu_f32, cpu_storage, f32_slice};
 
 /// Whether [`LoraWeights::forward`] runs the CPU path for these operands (CPU, all f32).
 pub fn supported(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
@@ -138,11 +138,6 @@ struct LoraLinear {
 
 const OP: &str = "lora_linear";
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{OP}: {what} is not f32") };
-    super::contiguous(data, l, OP, what)
-}
-
 impl LoraLinear {
     /// `dropout(x)`, borrowed when there is no mask.
     fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
@@ -168,13 +163,14 @@ impl CustomOp3 for LoraLinear {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if self.generic {
-            return self.generic_fwd(xs, xl, a_s, al, b_s, bl, as_cpu);
+            return self.generic_fwd(xs, xl, a_s, al, b_s, bl, |s| cpu_storage(s, OP));
         }
         let (r, in_f) = al.shape().dims2()?;
         let out_f = bl.shape().dims2()?.0;
-        let x = f32_slice(xs, xl, "x")?;
+        let x = f32_slice(xs, xl, OP, "x")?;
         let rows = x.len() / in_f;
-        let (x, a, b) = (View::matrix(x, rows, in_f), f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?);
+        let (x, a, b) =
+            (View::matrix(x, rows, in_f), f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
         let (ws, wl) = self.weight.storage_and_layout();
         let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
         let mut y = super::cpu_output::<f32>(rows * out_f);
@@ -208,7 +204,7 @@ impl CustomOp3 for LoraLinear {
         b_s: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.generic_fwd(xs, xl, a_s, al, b_s, bl, as_cuda)
+        self.generic_fwd(xs, xl, a_s, al, b_s, bl, |s| super::cuda_storage(s, OP))
     }
 
     fn bwd(
@@ -276,21 +272,6 @@ impl CustomOp3 for LoraLinear {
             Some(Tensor::from_vec(da, (r, in_f), device)?),
             Some(Tensor::from_vec(db, (out_f, r), device)?),
         ))
-    }
-}
-
-fn as_cpu(s: &Storage) -> Result<&CpuStorage> {
-    match s {
-        Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("{OP}: the weights are not on the CPU"),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn as_cuda(s: &Storage) -> Result<&candle_core::CudaStorage> {
-    match s {
-        Storage::Cuda(c) => Ok(c),
-        _ => candle_core::bail!("{OP}: the weights are not on the GPU"),
     }
 }
 

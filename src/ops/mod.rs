@@ -133,18 +133,53 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: 
     }
 }
 
-/// The f32 elements of a contiguous CPU storage (as `Tensor::storage_and_layout` gives it), or an
-/// error naming the op.
+/// The CPU storage behind a tensor (as `Tensor::storage_and_layout` gives it), or an error naming the op.
+pub(crate) fn cpu_storage<'a>(
+    storage: &'a candle_core::Storage,
+    op: &str,
+) -> Result<&'a candle_core::CpuStorage> {
+    match storage {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("{op}: a tensor is not on the CPU"),
+    }
+}
+
+/// The CUDA storage behind a tensor, or an error naming the op.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_storage<'a>(
+    storage: &'a candle_core::Storage,
+    op: &str,
+) -> Result<&'a candle_core::CudaStorage> {
+    match storage {
+        candle_core::Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("{op}: a tensor is not on the GPU"),
+    }
+}
+
+/// The f32 elements of a contiguous CPU storage, or an error naming the op.
+pub(crate) fn f32_slice<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::CpuStorage::F32(data) => contiguous(data, layout, op, what),
+        other => candle_core::bail!(
+            "{op}: {what} is {:?}, expected f32",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    }
+}
+
+/// [`f32_slice`] of a tensor's storage, which must be on the CPU.
 pub(crate) fn cpu_f32<'a>(
     storage: &'a candle_core::Storage,
     layout: &Layout,
     op: &str,
     what: &str,
 ) -> Result<&'a [f32]> {
-    match storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => contiguous(data, layout, op, what),
-        _ => candle_core::bail!("{op}: {what} must be f32 on the CPU"),
-    }
+    f32_slice(cpu_storage(storage, op)?, layout, op, what)
 }
 
 /// `e^x` in f32 within 2 ulp, written so loops over slices vectorise (libm's `expf` is a call per element
