@@ -132,22 +132,31 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
         ours: Box::new(|a| ops::frozen_linear(&a[0], &a[1], None)),
         reference: Box::new(|a| a[0].broadcast_matmul(&a[1].t()?)),
     });
-    let labels: Vec<u32> = (0..37).map(|_| rng.random_range(0..1000)).collect();
-    let labels = Tensor::new(labels, dev)?;
-    let labels2 = labels.clone();
-    cases.push(Case {
-        tol_bf16: 1e-2,
-        op: "linear_cross_entropy [37,64]x[1000,64]".into(),
-        inputs: vec![input("h", &[37, 64], 1.0, true), input("weight", &[1000, 64], 0.3, false)],
-        ours: Box::new(move |a| ops::linear_cross_entropy_sum(&a[0], &a[1], &labels)),
-        reference: Box::new(move |a| {
-            let logits = a[0].matmul(&a[1].t()?)?.to_dtype(DType::F32)?;
-            let max = logits.max_keepdim(D::Minus1)?.detach();
-            let shifted = logits.broadcast_sub(&max)?;
-            let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-            (lse - shifted.gather(&labels2.unsqueeze(1)?, 1)?)?.sum_all()
-        }),
-    });
+    // whole (one chunk on a GPU), and in chunks of 8 rows so the chunk loop runs on the device too
+    for (vocab, chunk) in [(1000, None), (5003, Some(8))] {
+        let labels: Vec<u32> = (0..37).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let labels = Tensor::new(labels, dev)?;
+        let labels2 = labels.clone();
+        cases.push(Case {
+            tol_bf16: 1e-2,
+            op: format!(
+                "linear_cross_entropy [37,64]x[{vocab},64]{}",
+                chunk.map(|c| format!(" chunks of {c}")).unwrap_or_default()
+            ),
+            inputs: vec![input("h", &[37, 64], 1.0, true), input("weight", &[vocab, 64], 0.3, false)],
+            ours: Box::new(move |a| match chunk {
+                None => ops::linear_cross_entropy_sum(&a[0], &a[1], &labels),
+                Some(c) => ops::linear_cross_entropy::chunked(&a[0], &a[1], &labels, c),
+            }),
+            reference: Box::new(move |a| {
+                let logits = a[0].matmul(&a[1].t()?)?.to_dtype(DType::F32)?;
+                let max = logits.max_keepdim(D::Minus1)?.detach();
+                let shifted = logits.broadcast_sub(&max)?;
+                let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                (lse - shifted.gather(&labels2.unsqueeze(1)?, 1)?)?.sum_all()
+            }),
+        });
+    }
     cases.push(lora_case(rng, (2, 37, 96), 80, 8)?);
     for (b, nh, nkv, t, d) in [(2, 9, 3, 37, 64), (1, 4, 4, 70, 32)] {
         cases.push(attention_case(dev, (b, nh, nkv, t, d))?);

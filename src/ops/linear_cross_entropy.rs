@@ -8,20 +8,31 @@
 //!
 //! On the CPU (f32) each chunk is one matrix product into a reused buffer, one parallel pass per row
 //! (max, exponentials, log-sum-exp, loss, then `softmax − onehot` in place) and one product for `dh`.
-//! Other devices run the same chunk loop through candle's tensor ops.
+//! Other devices and dtypes ([`chunked`]) take the logits from a product in the model dtype (cuBLAS on
+//! a GPU, as transformers does), then two row ops that are CUDA kernels (`kernels/cross_entropy.cu`)
+//! with CPU versions: [`RowXent`] reads each row once (online max and sum) for its log-sum-exp and
+//! loss, and [`SoftmaxGrad`] overwrites the logits in place with `softmax − onehot`, which the second
+//! product turns into `dh`. Per chunk that is one read and one write of the logits beyond the products,
+//! against about eight full passes in f32 for the same steps composed from candle ops.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{cpu_f32, exp_f32};
+use super::{contiguous, cpu_f32, cpu_output, exp_f32, Elem};
 
-/// Logit elements per chunk (24 MB in f32, under glibc's largest mmap threshold, so chunks reuse heap
-/// memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
-const CHUNK_ELEMS: usize = 6 << 20;
+/// Logit elements per chunk on the CPU (24 MB in f32, under glibc's largest mmap threshold, so chunks
+/// reuse heap memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
+const CPU_CHUNK_ELEMS: usize = 6 << 20;
+
+/// Logit elements per chunk elsewhere (128 MB in bf16): about 500 rows of a 128k vocabulary, enough
+/// for cuBLAS to run the products at full speed, small next to a GPU's memory.
+const DEVICE_CHUNK_ELEMS: usize = 64 << 20;
 
 /// Σ over rows of `logsumexp(h·Wᵀ) − (h·Wᵀ)[label]`. `h: [rows, hidden]`, `weight: [vocab, hidden]`,
-/// `labels: [rows]` (u32, all in range). Returns an f32 scalar.
+/// `labels: [rows]` (u32, all in range; on the CPU one outside is an error, in the CUDA kernel a NaN
+/// loss). Returns an f32 scalar.
 pub fn linear_cross_entropy_sum(h: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (rows, hidden) = h.dims2()?;
     let (vocab, w_hidden) = weight.dims2()?;
@@ -33,8 +44,8 @@ pub fn linear_cross_entropy_sum(h: &Tensor, weight: &Tensor, labels: &Tensor) ->
             labels.dims()
         );
     }
-    let chunk = (CHUNK_ELEMS / vocab).clamp(1, rows.max(1));
     if h.device().is_cpu() && h.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        let chunk = (CPU_CHUNK_ELEMS / vocab).clamp(1, rows.max(1));
         let (loss, dh) = cpu_loss_and_grad(&h.detach(), weight, labels, chunk, h.track_op())?;
         let loss = Tensor::new(loss as f32, h.device())?;
         return match dh {
@@ -42,34 +53,29 @@ pub fn linear_cross_entropy_sum(h: &Tensor, weight: &Tensor, labels: &Tensor) ->
             Some(dh) => attach_grad(h, loss, &Tensor::from_vec(dh, (rows, hidden), h.device())?),
         };
     }
-    composed(h, weight, labels, chunk)
+    chunked(h, weight, labels, (DEVICE_CHUNK_ELEMS / vocab).clamp(1, rows.max(1)))
 }
 
-/// The chunk loop from candle ops (any device and dtype; the CPU f32 path is checked against it).
-pub fn composed(h: &Tensor, weight: &Tensor, labels: &Tensor, chunk: usize) -> Result<Tensor> {
+/// The chunk loop on any device and dtype, `chunk` rows at a time: the products through candle (cuBLAS
+/// on a GPU), the row work through [`RowXent`] and [`SoftmaxGrad`].
+pub fn chunked(h: &Tensor, weight: &Tensor, labels: &Tensor, chunk: usize) -> Result<Tensor> {
     let rows = h.dim(0)?;
     let need_grad = h.track_op();
     let h_const = h.detach();
+    let labels = labels.to_dtype(DType::U32)?;
     let mut loss = Tensor::zeros((), DType::F32, h.device())?;
     let mut dh_chunks = Vec::new();
-    let mut start = 0;
-    while start < rows {
+    for start in (0..rows).step_by(chunk.max(1)) {
         let len = chunk.min(rows - start);
-        let hc = h_const.narrow(0, start, len)?;
         let lc = labels.narrow(0, start, len)?;
-        let logits = hc.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let exp = logits.broadcast_sub(&max)?.exp()?;
-        let sum = exp.sum_keepdim(D::Minus1)?;
-        let lse = (sum.log()? + &max)?;
-        let picked = logits.gather(&lc.unsqueeze(1)?, 1)?;
-        loss = (loss + (lse - picked)?.sum_all()?)?;
+        // a fresh tensor outside the graph, so overwriting it below is safe
+        let logits = h_const.narrow(0, start, len)?.matmul(&weight.t()?)?.contiguous()?;
+        let stats = logits.apply_op2_no_bwd(&lc, &RowXent)?;
+        loss = (loss + stats.get(1)?.sum_all()?)?;
         if need_grad {
-            let probs = exp.broadcast_div(&sum)?.to_dtype(weight.dtype())?;
-            let dh = (probs.matmul(weight)? - weight.index_select(&lc, 0)?)?;
-            dh_chunks.push(dh);
+            logits.inplace_op3(&stats.get(0)?, &lc, &SoftmaxGrad)?;
+            dh_chunks.push(logits.matmul(weight)?);
         }
-        start += len;
     }
     if !need_grad {
         return Ok(loss);
@@ -135,10 +141,216 @@ fn softmax_row_loss(row: &mut [f32], label: usize, grad: bool) -> f64 {
     sum.ln() + max as f64 - picked as f64
 }
 
+/// Per row of a chunk of logits `[rows, vocab]` and its labels `[rows]` (u32): a `[2, rows]` f32 tensor,
+/// row 0 the log-sum-exp, row 1 the loss `lse − logit[label]`. No backward (the loop computes it).
+pub struct RowXent;
+
+/// Overwrites logits `[rows, vocab]` in place with `softmax − onehot(label)`, given each row's
+/// log-sum-exp (f32) and label (u32): the gradient of the summed loss with respect to the logits.
+pub struct SoftmaxGrad;
+
+const XENT: &str = "linear_cross_entropy";
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(d) => contiguous(d, l, XENT, what),
+        other => candle_core::bail!("{XENT}: {what} is {:?}, expected u32", other.dtype()),
+    }
+}
+
+fn check_rows(logits: &Layout, labels: &Layout) -> Result<(usize, usize)> {
+    let (rows, vocab) = logits.shape().dims2()?;
+    if labels.dims() != [rows] || vocab == 0 {
+        candle_core::bail!("{XENT}: logits {:?} and labels {:?} do not fit", logits.dims(), labels.dims());
+    }
+    Ok((rows, vocab))
+}
+
+fn row_xent_cpu<T: Elem>(logits: &[T], labels: &[u32], vocab: usize) -> Result<Vec<f32>> {
+    let rows = labels.len();
+    if let Some((r, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= vocab) {
+        candle_core::bail!("{XENT}: label {l} of row {r} is outside the vocabulary ({vocab})");
+    }
+    let stats: Vec<(f32, f32)> = logits
+        .par_chunks(vocab)
+        .zip(labels)
+        .map(|(row, &label)| {
+            // f32::max skips a NaN, which then makes the sum NaN
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x.to_f32()));
+            let sum: f64 = row.iter().map(|&x| exp_f32(x.to_f32() - max) as f64).sum();
+            let lse = sum.ln() + max as f64;
+            (lse as f32, (lse - row[label as usize].to_f32() as f64) as f32)
+        })
+        .collect();
+    let mut out = cpu_output::<f32>(2 * rows);
+    for (r, (lse, loss)) in stats.into_iter().enumerate() {
+        out[r] = lse;
+        out[rows + r] = loss;
+    }
+    Ok(out)
+}
+
+fn softmax_grad_cpu<T: Elem>(logits: &mut [T], lse: &[f32], labels: &[u32], vocab: usize) {
+    logits.par_chunks_mut(vocab).zip(lse).zip(labels).for_each(|((row, &lse), &label)| {
+        for (j, x) in row.iter_mut().enumerate() {
+            let p = exp_f32(x.to_f32() - lse);
+            *x = T::from_f32(if j == label as usize { p - 1.0 } else { p });
+        }
+    });
+}
+
+impl CustomOp2 for RowXent {
+    fn name(&self) -> &'static str {
+        "candor-row-xent"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ls: &CpuStorage, ll: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = check_rows(l, ll)?;
+        let labels = u32_slice(ls, ll, "labels")?;
+        let out = with_float_type!(s.dtype(), XENT, T => {
+            row_xent_cpu(contiguous(T::cpu_storage_as_slice(s)?, l, XENT, "logits")?, labels, vocab)?
+        });
+        Ok((CpuStorage::F32(out), Shape::from((2, rows))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        ls: &candle_core::CudaStorage,
+        ll: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, vocab) = check_rows(l, ll)?;
+        let out = with_float_type!(s.dtype(), XENT, T => gpu::row_xent::<T>((s, l), (ls, ll), rows, vocab)?);
+        Ok((out, Shape::from((2, rows))))
+    }
+}
+
+impl candle_core::InplaceOp3 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "candor-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        lse: &CpuStorage,
+        lse_l: &Layout,
+        labels: &CpuStorage,
+        labels_l: &Layout,
+    ) -> Result<()> {
+        let (_, vocab) = check_rows(l, labels_l)?;
+        let lse = super::f32_slice(lse, lse_l, XENT, "log-sum-exp")?;
+        let labels = u32_slice(labels, labels_l, "labels")?;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{XENT}: logits must be contiguous");
+        };
+        match s {
+            CpuStorage::F32(d) => softmax_grad_cpu(&mut d[a..b], lse, labels, vocab),
+            CpuStorage::BF16(d) => softmax_grad_cpu(&mut d[a..b], lse, labels, vocab),
+            CpuStorage::F16(d) => softmax_grad_cpu(&mut d[a..b], lse, labels, vocab),
+            other => candle_core::bail!("{XENT}: unsupported dtype {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &mut candle_core::CudaStorage,
+        l: &Layout,
+        lse: &candle_core::CudaStorage,
+        lse_l: &Layout,
+        labels: &candle_core::CudaStorage,
+        labels_l: &Layout,
+    ) -> Result<()> {
+        let (rows, vocab) = check_rows(l, labels_l)?;
+        with_float_type!(s.dtype(), XENT, T => gpu::softmax_grad::<T>((s, l), (lse, lse_l), (labels, labels_l), rows, vocab))
+    }
+}
+
+/// Launches `kernels/cross_entropy.cu`.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, Layout, Result, WithDType};
+
+    use crate::ops::cuda::{elementwise, func, output, CROSS_ENTROPY_PTX};
+
+    const MODULE: &str = "candor_cross_entropy";
+
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+            None => candle_core::bail!("linear_cross_entropy: {what} must be contiguous"),
+        }
+    }
+
+    fn dims(rows: usize, vocab: usize) -> Result<(u32, u32)> {
+        match (u32::try_from(rows), u32::try_from(vocab)) {
+            (Ok(r), Ok(v)) => Ok((r, v)),
+            _ => candle_core::bail!("linear_cross_entropy: {rows} x {vocab} logits are too large for the kernel"),
+        }
+    }
+
+    pub fn row_xent<T: CudaDType + DeviceRepr + WithDType>(
+        (s, l): (&CudaStorage, &Layout),
+        (ls, ll): (&CudaStorage, &Layout),
+        rows: usize,
+        vocab: usize,
+    ) -> Result<CudaStorage> {
+        let dev = &s.device;
+        let (logits, labels) = (view::<T>(s, l, "logits")?, view::<u32>(ls, ll, "labels")?);
+        let mut out = output::<f32>(dev, 2 * rows)?;
+        let f = func(dev, MODULE, CROSS_ENTROPY_PTX, "row_xent", T::DTYPE)?;
+        let (rows_u, vocab_u) = dims(rows, vocab)?;
+        let stream = dev.cuda_stream();
+        {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&logits).arg(&labels).arg(&mut out).arg(&rows_u).arg(&vocab_u);
+            // one block of 256 threads per row; the kernel loops when rows exceed the grid
+            let cfg = LaunchConfig {
+                grid_dim: (rows.clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument list matches `row_xent_*` in kernels/cross_entropy.cu.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    pub fn softmax_grad<T: CudaDType + DeviceRepr + WithDType>(
+        (s, l): (&mut CudaStorage, &Layout),
+        (lse, lse_l): (&CudaStorage, &Layout),
+        (ls, ll): (&CudaStorage, &Layout),
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("linear_cross_entropy: logits must be contiguous");
+        };
+        let dev = s.device.clone();
+        let (lse, labels) = (view::<f32>(lse, lse_l, "log-sum-exp")?, view::<u32>(ls, ll, "labels")?);
+        let mut logits = s.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
+        let f = func(&dev, MODULE, CROSS_ENTROPY_PTX, "softmax_grad", T::DTYPE)?;
+        let (rows_u, vocab_u) = dims(rows, vocab)?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut logits).arg(&lse).arg(&labels).arg(&rows_u).arg(&vocab_u);
+        // SAFETY: argument list matches `softmax_grad_*` in kernels/cross_entropy.cu.
+        unsafe { b.launch(elementwise(rows * vocab)) }.w()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     /// The same loss composed from plain differentiable ops (the slow reference).
     fn reference(h: &Tensor, w: &Tensor, labels: &Tensor) -> Result<Tensor> {
@@ -150,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn matches_composed_reference_value_and_gradient() -> Result<()> {
+    fn matches_reference_value_and_gradient() -> Result<()> {
         let dev = Device::Cpu;
         // awkward sizes: the vocabulary is not a multiple of the chunk, rows not of anything
         for (rows, hidden, vocab) in [(7usize, 5usize, 11usize), (37, 16, 300_001)] {
@@ -161,10 +373,10 @@ mod tests {
             let theirs = reference(h.as_tensor(), &w, &labels)?;
             let b = theirs.to_scalar::<f32>()?;
             let gb = theirs.backward()?.get(h.as_tensor()).unwrap().clone();
-            // the CPU path, and the candle-op chunk loop other devices run (chunks of 3 rows)
+            // the CPU path, and the chunk loop other devices run (chunks of 3 rows)
             for ours in [
                 linear_cross_entropy_sum(h.as_tensor(), &w, &labels)?,
-                composed(h.as_tensor(), &w, &labels, 3)?,
+                chunked(h.as_tensor(), &w, &labels, 3)?,
             ] {
                 let a = ours.to_scalar::<f32>()?;
                 assert!((a - b).abs() / b.abs() < 1e-5, "loss {a} vs {b}");
@@ -184,10 +396,42 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (9, 4), &dev)?;
         let labels = Tensor::new(&[1u32, 8, 0], &dev)?;
         let b = reference(&h, &w, &labels)?.to_scalar::<f32>()?;
-        for ours in [linear_cross_entropy_sum(&h, &w, &labels)?, composed(&h, &w, &labels, 2)?] {
+        for ours in [linear_cross_entropy_sum(&h, &w, &labels)?, chunked(&h, &w, &labels, 2)?] {
             let a = ours.to_scalar::<f32>()?;
             assert!((a - b).abs() < 1e-5 * b.abs());
         }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_chunks_match_the_f32_reference_on_the_same_numbers() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, hidden, vocab) = (19, 24, 5003);
+        let h16 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, hidden), &dev)?.to_dtype(DType::BF16)?)?;
+        let w16 = (Tensor::randn(0f32, 1.0, (vocab, hidden), &dev)? * 0.5)?.to_dtype(DType::BF16)?;
+        let h32 = Var::from_tensor(&h16.to_dtype(DType::F32)?)?;
+        let labels: Vec<u32> = (0..rows).map(|i| ((i * 7919) % vocab) as u32).collect();
+        let labels = Tensor::new(labels, &dev)?;
+        let theirs = reference(h32.as_tensor(), &w16.to_dtype(DType::F32)?, &labels)?;
+        let ours = chunked(h16.as_tensor(), &w16, &labels, 4)?;
+        let (a, b) = (ours.to_scalar::<f32>()?, theirs.to_scalar::<f32>()?);
+        // the logits are rounded to bf16 (as a bf16 model's LM head gives them)
+        assert!((a - b).abs() / b.abs() < 2e-3, "loss {a} vs {b}");
+        let ga = ours.backward()?.get(h16.as_tensor()).unwrap().to_dtype(DType::F32)?;
+        let gb = theirs.backward()?.get(h32.as_tensor()).unwrap().clone();
+        let err = (ga - &gb)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let scale = gb.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(err / scale < 1e-2, "gradient relative error {}", err / scale);
+        Ok(())
+    }
+
+    #[test]
+    fn a_label_outside_the_vocabulary_is_an_error_on_the_cpu() -> Result<()> {
+        let dev = Device::Cpu;
+        let h = Tensor::randn(0f32, 1.0, (2, 4), &dev)?.to_dtype(DType::BF16)?;
+        let w = Tensor::randn(0f32, 1.0, (9, 4), &dev)?.to_dtype(DType::BF16)?;
+        let err = chunked(&h, &w, &Tensor::new(&[1u32, 9], &dev)?, 2).unwrap_err().to_string();
+        assert!(err.contains("label 9 of row 1 is outside the vocabulary (9)"), "{err}");
         Ok(())
     }
 }

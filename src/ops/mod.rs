@@ -9,11 +9,12 @@
 //! CPU kernels compute in f32 whatever the storage dtype (f32, bf16, f16) and round once on output;
 //! the CUDA kernels do the same (f32, bf16, f16).
 //!
-//! Three ops are built around matrix products and exist on the CPU only, in f32 (the CPU build's
-//! dtype): the LoRA layer (`lora_linear`), attention, and the LM head + cross-entropy's inner loop. Their
-//! value there is memory: the composed versions leave five to seven full-size tensors per layer in
-//! candle's graph until the step ends. On other devices they run composed from candle ops (cuBLAS does
-//! the products), through the same function, so callers never choose.
+//! Three ops are built around matrix products and have a fused CPU path in f32 (the CPU build's dtype):
+//! the LoRA layer (`lora_linear`), attention, and the LM head + cross-entropy. Their value there is
+//! memory: the composed versions leave five to seven full-size tensors per layer in candle's graph until
+//! the step ends. On other devices the products go to cuBLAS through candle's backend, inside ops that
+//! keep the same memory profile; the cross-entropy's row work has its own kernels
+//! (`kernels/cross_entropy.cu`). Callers use one function per op and never choose the path.
 
 /// `$body` with the type `$t` bound to `$dtype`'s element type (f32, bf16 or f16), or an error naming
 /// `$op` for any other dtype: the one dtype dispatch of the elementwise ops' CPU and CUDA entry points.
@@ -233,6 +234,7 @@ pub(crate) mod cuda {
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{DType, Result};
 
+    pub const CROSS_ENTROPY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
     pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
     pub const ROTARY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx"));
     pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
