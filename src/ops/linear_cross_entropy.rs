@@ -204,7 +204,13 @@ impl CustomOp2 for RowXent {
         "candor-row-xent"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, ls: &CpuStorage, ll: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ls: &CpuStorage,
+        ll: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = check_rows(l, ll)?;
         let labels = u32_slice(ls, ll, "labels")?;
         let out = with_float_type!(s.dtype(), XENT, T => {
@@ -292,7 +298,9 @@ mod gpu {
     fn dims(rows: usize, vocab: usize) -> Result<(u32, u32)> {
         match (u32::try_from(rows), u32::try_from(vocab)) {
             (Ok(r), Ok(v)) => Ok((r, v)),
-            _ => candle_core::bail!("linear_cross_entropy: {rows} x {vocab} logits are too large for the kernel"),
+            _ => candle_core::bail!(
+                "linear_cross_entropy: {rows} x {vocab} logits are too large for the kernel"
+            ),
         }
     }
 
