@@ -280,20 +280,14 @@ impl candle_core::InplaceOp3 for SoftmaxGrad {
 /// Launches `kernels/cross_entropy.cu`.
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-    use crate::ops::cuda::{elementwise, func, output, CROSS_ENTROPY_PTX};
+    use super::XENT;
+    use crate::ops::cuda::{elementwise, func, output, view, CROSS_ENTROPY_PTX};
 
     const MODULE: &str = "candor_cross_entropy";
-
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-            None => candle_core::bail!("linear_cross_entropy: {what} must be contiguous"),
-        }
-    }
 
     fn dims(rows: usize, vocab: usize) -> Result<(u32, u32)> {
         match (u32::try_from(rows), u32::try_from(vocab)) {
@@ -311,7 +305,7 @@ mod gpu {
         vocab: usize,
     ) -> Result<CudaStorage> {
         let dev = &s.device;
-        let (logits, labels) = (view::<T>(s, l, "logits")?, view::<u32>(ls, ll, "labels")?);
+        let (logits, labels) = (view::<T>(s, l, XENT, "logits")?, view::<u32>(ls, ll, XENT, "labels")?);
         let mut out = output::<f32>(dev, 2 * rows)?;
         let f = func(dev, MODULE, CROSS_ENTROPY_PTX, "row_xent", T::DTYPE)?;
         let (rows_u, vocab_u) = dims(rows, vocab)?;
@@ -342,7 +336,8 @@ mod gpu {
             candle_core::bail!("linear_cross_entropy: logits must be contiguous");
         };
         let dev = s.device.clone();
-        let (lse, labels) = (view::<f32>(lse, lse_l, "log-sum-exp")?, view::<u32>(ls, ll, "labels")?);
+        let (lse, labels) =
+            (view::<f32>(lse, lse_l, XENT, "log-sum-exp")?, view::<u32>(ls, ll, XENT, "labels")?);
         let mut logits = s.as_cuda_slice_mut::<T>()?.slice_mut(a..b);
         let f = func(&dev, MODULE, CROSS_ENTROPY_PTX, "softmax_grad", T::DTYPE)?;
         let (rows_u, vocab_u) = dims(rows, vocab)?;

@@ -229,10 +229,10 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{
-        self, CudaFunction, CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig,
+        self, CudaFunction, CudaSlice, CudaView, DevicePtrMut, DeviceRepr, LaunchConfig,
     };
-    use candle_core::cuda_backend::{CudaDevice, WrapErr};
-    use candle_core::{DType, Result};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Result};
 
     pub const CROSS_ENTROPY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
     pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
@@ -248,6 +248,19 @@ pub(crate) mod cuda {
             other => candle_core::bail!("{name}: no CUDA kernel for {other:?} (f32, bf16, f16)"),
         };
         Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), module, ptx)?.into_cuda_function())
+    }
+
+    /// The elements a contiguous layout covers in a CUDA storage, or an error naming the op.
+    pub fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        op: &str,
+        what: &str,
+    ) -> Result<CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+            None => candle_core::bail!("{op}: {what} must be contiguous"),
+        }
     }
 
     /// An uninitialised device buffer of `len` elements, or one filled with 0xFF bytes (NaN in f32,

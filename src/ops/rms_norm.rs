@@ -252,20 +252,10 @@ mod gpu {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-    use crate::ops::cuda::{func, output, warp_per_row, RMS_NORM_PTX};
+    use crate::ops::cuda::{func, output, view, warp_per_row, RMS_NORM_PTX};
 
     const MODULE: &str = "candor_rms_norm";
-
-    fn view<'a, T: CudaDType>(
-        s: &'a CudaStorage,
-        l: &Layout,
-        what: &str,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-            None => candle_core::bail!("rms_norm: {what} must be contiguous"),
-        }
-    }
+    const OP: &str = "rms_norm";
 
     pub fn forward<T: CudaDType + DeviceRepr + WithDType>(
         x: &CudaStorage,
@@ -276,7 +266,7 @@ mod gpu {
     ) -> Result<CudaStorage> {
         let (rows, d) = super::check_shapes(xl, wl, "rms_norm")?;
         let dev = &x.device;
-        let (xv, wv) = (view::<T>(x, xl, "input")?, view::<T>(w, wl, "weight")?);
+        let (xv, wv) = (view::<T>(x, xl, OP, "input")?, view::<T>(w, wl, OP, "weight")?);
         let mut y = output::<T>(dev, rows * d)?;
         let f = func(dev, MODULE, RMS_NORM_PTX, "rms_norm_fwd", T::DTYPE)?;
         let stream = dev.cuda_stream();
@@ -301,8 +291,11 @@ mod gpu {
             candle_core::bail!("rms_norm backward: gradient {:?} for input {:?}", dyl.dims(), xl.dims());
         }
         let dev = &x.device;
-        let (xv, wv, dyv) =
-            (view::<T>(x, xl, "input")?, view::<T>(w, wl, "weight")?, view::<T>(dy, dyl, "gradient")?);
+        let (xv, wv, dyv) = (
+            view::<T>(x, xl, OP, "input")?,
+            view::<T>(w, wl, OP, "weight")?,
+            view::<T>(dy, dyl, OP, "gradient")?,
+        );
         let mut dx = output::<T>(dev, rows * d)?;
         let f = func(dev, MODULE, RMS_NORM_PTX, "rms_norm_bwd", T::DTYPE)?;
         let stream = dev.cuda_stream();

@@ -201,19 +201,12 @@ impl CustomOp1 for Rotary {
 /// Launches `kernels/rotary.cu`: one thread per (token, head, pair).
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, Layout, Result, Storage, WithDType};
+    use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-    use crate::ops::cuda::{elementwise, func, output, ROTARY_PTX};
-
-    fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match (s, l.contiguous_offsets()) {
-            (Storage::Cuda(c), Some((a, b))) => Ok(c.as_cuda_slice::<T>()?.slice(a..b)),
-            (Storage::Cuda(_), None) => candle_core::bail!("rope: {what} must be contiguous"),
-            _ => candle_core::bail!("rope: {what} is not on the gpu"),
-        }
-    }
+    use crate::ops::cuda::{elementwise, func, output, view, ROTARY_PTX};
+    use crate::ops::cuda_storage;
 
     pub fn rotate<T: CudaDType + DeviceRepr + WithDType>(
         op: &super::Rotary,
@@ -223,16 +216,13 @@ mod gpu {
         let (tokens, heads, d) = super::dims(xl)?;
         let half = d / 2;
         let dev = &x.device;
-        let xv = match xl.contiguous_offsets() {
-            Some((a, b)) => x.as_cuda_slice::<T>()?.slice(a..b),
-            None => candle_core::bail!("rope: input must be contiguous"),
-        };
+        let xv = view::<T>(x, xl, "rope", "input")?;
         let (cs, cl) = op.cos.storage_and_layout();
         let (ss, sl) = op.sin.storage_and_layout();
         let (ps, pl) = op.positions.storage_and_layout();
-        let cos = view::<f32>(&cs, cl, "cos table")?;
-        let sin = view::<f32>(&ss, sl, "sin table")?;
-        let positions = view::<u32>(&ps, pl, "positions")?;
+        let cos = view::<f32>(cuda_storage(&cs, "rope")?, cl, "rope", "cos table")?;
+        let sin = view::<f32>(cuda_storage(&ss, "rope")?, sl, "rope", "sin table")?;
+        let positions = view::<u32>(cuda_storage(&ps, "rope")?, pl, "rope", "positions")?;
         let table_len = (cl.shape().elem_count() / half.max(1)) as u32;
         let mut y = output::<T>(dev, tokens * heads * d)?;
         let f = func(dev, "candor_rotary", ROTARY_PTX, "rope", T::DTYPE)?;

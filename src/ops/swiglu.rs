@@ -209,7 +209,7 @@ mod gpu {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-    use crate::ops::cuda::{elementwise, func, output, SWIGLU_PTX};
+    use crate::ops::cuda::{elementwise, func, output, view, SWIGLU_PTX};
 
     /// `kernel(inputs.., out, n)` with an output of `outputs × n` elements.
     pub fn launch<T: CudaDType + DeviceRepr + WithDType>(
@@ -221,10 +221,7 @@ mod gpu {
         let n = inputs[0].1.shape().elem_count();
         let views = inputs
             .iter()
-            .map(|(s, l)| match l.contiguous_offsets() {
-                Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-                None => candle_core::bail!("{kernel}: inputs must be contiguous"),
-            })
+            .map(|(s, l)| view::<T>(s, l, kernel, "input"))
             .collect::<Result<Vec<CudaView<'_, T>>>>()?;
         let mut out = output::<T>(dev, outputs * n)?;
         let f = func(dev, "candor_swiglu", SWIGLU_PTX, kernel, T::DTYPE)?;
