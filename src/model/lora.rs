@@ -201,10 +201,7 @@ impl LoraLinear {
         let Some(lora) = &self.lora else { return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?) };
         // one draw per input element, in order, whichever path runs: the same seed gives the same masks
         let mask = match (dropout_rng, lora.dropout > 0.0) {
-            (Some(rng), true) => {
-                let keep = 1.0 - lora.dropout;
-                Some(DropoutMask::draw(x.elem_count(), (1.0 / keep) as f32, || rng.random::<f64>() < keep))
-            }
+            (Some(rng), true) => Some(DropoutMask::draw_below(x.elem_count(), 1.0 - lora.dropout, rng)),
             _ => None,
         };
         // under no_grad the LoRA weights enter as plain tensors, so no autograd graph is built and every
