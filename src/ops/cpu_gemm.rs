@@ -98,6 +98,15 @@ impl Product<'_> {
         self.run(dst, offset, rs, true)
     }
 
+    /// The product as a new row-major `rows × cols` buffer, from [`super::cpu_output`] (`gemm` reads
+    /// its destination even when told to overwrite it, so the buffer is initialised first).
+    pub fn to_vec(self) -> Vec<f32> {
+        let (m, n) = (self.lhs.rows, self.rhs.cols);
+        let mut out = super::cpu_output::<f32>(m * n);
+        self.write(&mut out, 0, n);
+        out
+    }
+
     /// Panics (never reads or writes out of bounds) if a view does not fit its slice.
     fn run(self, dst: &mut [f32], offset: usize, rs: usize, accumulate: bool) {
         let (m, n, k) = (self.lhs.rows, self.rhs.cols, self.lhs.cols);

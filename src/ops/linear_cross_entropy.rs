@@ -107,8 +107,8 @@ fn cpu_loss_and_grad(
     let (ws, wl) = weight.storage_and_layout();
     let h = View::matrix(cpu_f32(&hs, hl, OP, "h")?, rows, hidden);
     let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, vocab, hidden);
-    let mut logits = vec![0f32; chunk.min(rows) * vocab];
-    let mut dh = if need_grad { vec![0f32; rows * hidden] } else { Vec::new() };
+    let mut logits = super::cpu_output::<f32>(chunk.min(rows) * vocab);
+    let mut dh = if need_grad { super::cpu_output::<f32>(rows * hidden) } else { Vec::new() };
     let mut loss = 0f64;
     for start in (0..rows).step_by(chunk) {
         let len = chunk.min(rows - start);

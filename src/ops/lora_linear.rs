@@ -173,17 +173,18 @@ impl CustomOp3 for LoraLinear {
             (View::matrix(x, rows, in_f), f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
         let (ws, wl) = self.weight.storage_and_layout();
         let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
-        let mut y = super::cpu_output::<f32>(rows * out_f);
         // y = x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
-        match &self.bias {
+        let mut y = match &self.bias {
             Some(bias) => {
                 let (bs, bl) = bias.storage_and_layout();
                 let bias = cpu_f32(&bs, bl, OP, "bias")?;
+                let mut y = super::cpu_output::<f32>(rows * out_f);
                 y.chunks_exact_mut(out_f).for_each(|row| row.copy_from_slice(bias));
                 product(x, w.t()).add_to(&mut y, 0, out_f);
+                y
             }
-            None => product(x, w.t()).write(&mut y, 0, out_f),
-        }
+            None => product(x, w.t()).to_vec(),
+        };
         let xd = self.dropped(x.data);
         let t = rank_product(View::matrix(&xd, rows, in_f), View::matrix(a, r, in_f));
         product(View::matrix(&t, rows, r), View::matrix(b, out_f, r).t())
@@ -235,19 +236,16 @@ impl CustomOp3 for LoraLinear {
         let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
 
         // u = dy·B: [rows, r]
-        let mut u = vec![0f32; rows * r];
-        product(dy, b).write(&mut u, 0, r);
+        let u = product(dy, b).to_vec();
         let u = View::matrix(&u, rows, r);
         // dx = dy·W + s · mask ⊙ (u·A); layer 0's q, k and v read the frozen embeddings, and nothing
         // upstream wants their dx
         let dx = x_t.track_op().then(|| {
-            let mut dx = vec![0f32; rows * in_f];
-            product(dy, w).write(&mut dx, 0, in_f);
+            let mut dx = product(dy, w).to_vec();
             match &self.mask {
                 None => product(u, a).scaled(s).add_to(&mut dx, 0, in_f),
                 Some(m) => {
-                    let mut v = vec![0f32; rows * in_f];
-                    product(u, a).write(&mut v, 0, in_f);
+                    let v = product(u, a).to_vec();
                     for (i, (d, v)) in dx.iter_mut().zip(&v).enumerate() {
                         *d += s * (m.factor(i) * v);
                     }
@@ -258,12 +256,10 @@ impl CustomOp3 for LoraLinear {
         let xd = self.dropped(x);
         let xd = View::matrix(&xd, rows, in_f);
         // dA = s·uᵀ·xd: [r, in]
-        let mut da = vec![0f32; r * in_f];
-        product(u.t(), xd).scaled(s).write(&mut da, 0, in_f);
+        let da = product(u.t(), xd).scaled(s).to_vec();
         // dB = s·dyᵀ·(xd·Aᵀ): [out, r]
         let t = rank_product(xd, a);
-        let mut db = vec![0f32; out_f * r];
-        product(dy.t(), View::matrix(&t, rows, r)).scaled(s).write(&mut db, 0, r);
+        let db = product(dy.t(), View::matrix(&t, rows, r)).scaled(s).to_vec();
 
         let device = x_t.device();
         let dx = dx.map(|dx| Tensor::from_vec(dx, x_t.shape(), device)).transpose()?;
@@ -368,7 +364,5 @@ impl LoraLinear {
 
 /// `xd·Aᵀ`: `[rows, r]`, the rank-r intermediate (recomputed in the backward rather than kept).
 fn rank_product(xd: View, a: View) -> Vec<f32> {
-    let mut t = vec![0f32; xd.rows * a.rows];
-    product(xd, a.t()).write(&mut t, 0, a.rows);
-    t
+    product(xd, a.t()).to_vec()
 }

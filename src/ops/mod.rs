@@ -121,9 +121,23 @@ impl Elem for f16 {
     }
 }
 
-/// A new CPU output buffer: zeros, or NaN when poisoning is on.
+/// A new CPU output buffer: zeros, or NaN when poisoning is on. Large buffers are filled on all
+/// threads: a serial fill of every op's output ran on the thread driving the step while the others
+/// waited (4% of the SmolLM2 training step's samples).
 pub(crate) fn cpu_output<T: Elem>(len: usize) -> Vec<T> {
-    vec![if poison_outputs() { T::NAN } else { T::ZERO }; len]
+    use rayon::prelude::*;
+    const SERIAL_ELEMS: usize = 1 << 16;
+    let value = if poison_outputs() { T::NAN } else { T::ZERO };
+    if len < 4 * SERIAL_ELEMS {
+        return vec![value; len];
+    }
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(SERIAL_ELEMS)
+        .for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(value)));
+    // SAFETY: the loop above initialised all `len` elements
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// The elements a contiguous layout covers, or an error naming the op.
