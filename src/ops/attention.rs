@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{cpu_f32, cpu_storage, exp_f32};
+use super::{cpu_f32, cpu_storage, simd};
 
 /// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
@@ -292,20 +292,22 @@ impl<'a> Ctx<'a> {
                 i0 * tk,
                 tk,
             );
-            for i in i0..i0 + rows {
-                let row = &mut p[i * tk..][..tk];
-                row[ext..].fill(0.0);
-                let row = &mut row[..ext];
-                if let Some(bias) = self.bias {
-                    let brow = &bias[(n * t + i) * tk..][..ext];
-                    row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
-                }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // masked scores (bias f32::MIN) come out as exactly 0
-                row.iter_mut().for_each(|s| *s = exp_f32(*s - max));
-                let inv = 1.0 / row.iter().sum::<f32>();
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            simd::vectorised(
+                #[inline(always)]
+                || {
+                    for i in i0..i0 + rows {
+                        let row = &mut p[i * tk..][..tk];
+                        row[ext..].fill(0.0);
+                        let row = &mut row[..ext];
+                        if let Some(bias) = self.bias {
+                            let brow = &bias[(n * t + i) * tk..][..ext];
+                            row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
+                        }
+                        // masked scores (bias f32::MIN) come out as exactly 0
+                        simd::softmax(row);
+                    }
+                },
+            );
         }
     }
 
@@ -351,12 +353,17 @@ impl<'a> Ctx<'a> {
                 product(p_b.t(), go_b).one_thread().add_to(&mut dv, 0, d);
                 product(go_b, v.row_range(0, ext).t()).one_thread().write(&mut dp, i0 * tk, tk);
                 // dS = P ⊙ (dP − rowsum(dO ⊙ O))
-                for i in i0..i0 + rows {
-                    let at = head + i * row_stride;
-                    let delta: f32 = go[at..at + d].iter().zip(&o[at..at + d]).map(|(a, b)| a * b).sum();
-                    let (pr, dr) = (&p[i * tk..][..ext], &mut dp[i * tk..][..ext]);
-                    dr.iter_mut().zip(pr).for_each(|(ds, &pv)| *ds = pv * (*ds - delta));
-                }
+                simd::vectorised(
+                    #[inline(always)]
+                    || {
+                        for i in i0..i0 + rows {
+                            let at = head + i * row_stride;
+                            let delta = simd::dot(&go[at..at + d], &o[at..at + d]);
+                            let (pr, dr) = (&p[i * tk..][..ext], &mut dp[i * tk..][..ext]);
+                            dr.iter_mut().zip(pr).for_each(|(ds, &pv)| *ds = pv * (*ds - delta));
+                        }
+                    },
+                );
                 // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
                 let ds = View::matrix(&dp, t, tk).row_range(i0, rows).first_cols(ext);
                 let dq_at = (j * t + i0) * d;

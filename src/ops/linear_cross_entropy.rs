@@ -20,7 +20,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{contiguous, cpu_f32, cpu_output, exp_f32, Elem};
+use super::{contiguous, cpu_f32, cpu_output, exp_f32, simd, Elem};
 
 /// Logit elements per chunk on the CPU (24 MB in f32, under glibc's largest mmap threshold, so chunks
 /// reuse heap memory instead of fresh zeroed pages), so a 128k-vocabulary head uses a few rows at a time.
@@ -129,16 +129,20 @@ fn cpu_loss_and_grad(
 /// One row of logits: returns `logsumexp − logit[label]`, and with `grad` leaves `softmax − onehot`
 /// in the row.
 fn softmax_row_loss(row: &mut [f32], label: usize, grad: bool) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let picked = row[label];
-    row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-    let sum: f64 = row.iter().map(|&x| x as f64).sum();
-    if grad {
-        let inv = (1.0 / sum) as f32;
-        row.iter_mut().for_each(|x| *x *= inv);
-        row[label] -= 1.0;
-    }
-    sum.ln() + max as f64 - picked as f64
+    simd::vectorised(
+        #[inline(always)]
+        || {
+            let max = simd::max(row);
+            let picked = row[label];
+            let sum = simd::exp_sum(row, max);
+            if grad {
+                let inv = (1.0 / sum) as f32;
+                row.iter_mut().for_each(|x| *x *= inv);
+                row[label] -= 1.0;
+            }
+            sum.ln() + max as f64 - picked as f64
+        },
+    )
 }
 
 /// Per row of a chunk of logits `[rows, vocab]` and its labels `[rows]` (u32): a `[2, rows]` f32 tensor,

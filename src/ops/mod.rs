@@ -46,6 +46,7 @@ pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod rms_norm;
 pub mod rotary;
+mod simd;
 pub mod swiglu;
 
 use std::sync::atomic::{AtomicBool, Ordering};

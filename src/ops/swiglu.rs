@@ -44,11 +44,16 @@ fn sigmoid(g: f32) -> f32 {
 
 fn forward_cpu<T: Elem>(gate: &[T], up: &[T], y: &mut [T]) {
     y.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((y, g), u)| {
-        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            let g = g.to_f32();
-            let silu = T::from_f32(g * sigmoid(g)).to_f32();
-            *y = T::from_f32(silu * u.to_f32());
-        }
+        super::simd::vectorised(
+            #[inline(always)]
+            || {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    let g = g.to_f32();
+                    let silu = T::from_f32(g * sigmoid(g)).to_f32();
+                    *y = T::from_f32(silu * u.to_f32());
+                }
+            },
+        )
     });
 }
 
@@ -60,12 +65,20 @@ fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T], out: &mut [T]) {
         .zip(d_up.par_chunks_mut(CHUNK))
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
         .for_each(|((dg, du), ((g, u), dy))| {
-            for i in 0..dg.len() {
-                let (g, u, dy) = (g[i].to_f32(), u[i].to_f32(), dy[i].to_f32());
-                let s = sigmoid(g);
-                du[i] = T::from_f32(dy * g * s);
-                dg[i] = T::from_f32(dy * u * s * (1.0 + g * (1.0 - s)));
-            }
+            super::simd::vectorised(
+                #[inline(always)]
+                || {
+                    // equal lengths up front, so the loop has no bounds checks and vectorises
+                    let n = dg.len();
+                    let (g, u, dy, du) = (&g[..n], &u[..n], &dy[..n], &mut du[..n]);
+                    for i in 0..n {
+                        let (g, u, dy) = (g[i].to_f32(), u[i].to_f32(), dy[i].to_f32());
+                        let s = sigmoid(g);
+                        du[i] = T::from_f32(dy * g * s);
+                        dg[i] = T::from_f32(dy * u * s * (1.0 + g * (1.0 - s)));
+                    }
+                },
+            )
         });
 }
 
