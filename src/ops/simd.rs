@@ -24,15 +24,31 @@ fn level() -> Level {
             if std::env::var_os("CANDOR_NO_SIMD").is_some() {
                 return Level::Baseline;
             }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            if has_avx512() {
                 return Level::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if has_avx2() {
                 return Level::Avx2;
             }
         }
         Level::Baseline
     })
+}
+
+/// Every feature the AVX-512 copy is compiled with (below).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
+        && has_avx2()
+}
+
+/// Every feature the AVX2 copy is compiled with (below).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("bmi2")
 }
 
 /// `f()`, compiled with the widest vector extension this CPU has. Pass a closure marked
@@ -139,10 +155,10 @@ mod tests {
         let mut levels = vec![Level::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if has_avx2() {
                 levels.push(Level::Avx2);
             }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            if has_avx512() {
                 levels.push(Level::Avx512);
             }
         }
