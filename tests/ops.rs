@@ -575,6 +575,12 @@ fn lora_linear_matches_the_composed_layer() {
     for v in [&a, &b] {
         assert_close("lora_linear frozen input", rng.seed, g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-5);
     }
+    // a second backward through the same graph: the first took the forward's kept x·Aᵀ, this one
+    // recomputes it
+    let g2 = y.sum_all().unwrap().backward().unwrap();
+    for v in [&a, &b] {
+        assert_close("lora_linear second backward", rng.seed, g2.get(v).unwrap(), g.get(v).unwrap(), 1e-6);
+    }
     // operands that do not fit are an error, on both paths
     let swapped = LoraWeights { a: b.as_tensor(), b: a.as_tensor(), ..weights };
     assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, None).is_err());

@@ -7,7 +7,9 @@
 //! `candor selftest`.
 //!
 //! CPU kernels compute in f32 whatever the storage dtype (f32, bf16, f16) and round once on output;
-//! the CUDA kernels do the same (f32, bf16, f16).
+//! the CUDA kernels do the same (f32, bf16, f16). The hot CPU loops (attention's softmax, the
+//! cross-entropy rows, SwiGLU) run in an AVX-512 or AVX2 copy picked at run time (`simd`), since the
+//! binary itself targets baseline x86-64.
 //!
 //! Three ops are built around matrix products and have a fused CPU path in f32 (the CPU build's dtype):
 //! the LoRA layer (`lora_linear`), attention, and the LM head + cross-entropy. Their value there is
