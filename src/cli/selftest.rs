@@ -158,8 +158,11 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
         });
     }
     cases.push(lora_case(rng, (2, 37, 96), 80, 8)?);
-    for (b, nh, nkv, t, d) in [(2, 9, 3, 37, 64), (1, 4, 4, 70, 32)] {
-        cases.push(attention_case(dev, (b, nh, nkv, t, d))?);
+    // the last: the recomputing path (what CUDA and bf16 run) one batch row per pass, as a large batch goes
+    for (b, nh, nkv, t, d, rows) in
+        [(2, 9, 3, 37, 64, None), (1, 4, 4, 70, 32, None), (2, 9, 3, 37, 64, Some(1))]
+    {
+        cases.push(attention_case(dev, (b, nh, nkv, t, d), rows)?);
     }
     Ok(cases)
 }
@@ -199,10 +202,12 @@ fn lora_case(
 }
 
 /// Attention over heads read from `[b, t, heads, d]` storage, with a causal mask and left padding
-/// (the first query rows of the second sequence see nothing).
+/// (the first query rows of the second sequence see nothing). With `rows`, the recomputing path taking
+/// that many batch rows per pass.
 fn attention_case(
     dev: &Device,
     (b, nh, nkv, t, d): (usize, usize, usize, usize, usize),
+    rows: Option<usize>,
 ) -> anyhow::Result<Case> {
     let mut bias = vec![0f32; b * t * t];
     for row in 0..b {
@@ -225,7 +230,10 @@ fn attention_case(
         // which cancels: q's gradient lands at 4e-3 typically and just over 1e-2 once in some hundred
         // seeds, with no kernel fault. The f32 rows check the math at 1e-4.
         tol_bf16: 2e-2,
-        op: format!("attention [{b},{t},{nh}/{nkv},{d}] causal"),
+        op: match rows {
+            None => format!("attention [{b},{t},{nh}/{nkv},{d}] causal"),
+            Some(r) => format!("attention [{b},{t},{nh}/{nkv},{d}] causal, {r} row/pass"),
+        },
         // scores of a few units, as in a trained model (with q, k of ±2 the softmax is so peaked that
         // bf16's rounding alone reaches 1.3e-2 of the largest gradient)
         inputs: vec![
@@ -235,7 +243,10 @@ fn attention_case(
         ],
         ours: Box::new(move |a| {
             let [q, k, v] = heads(a)?;
-            ops::attention(&q, &k, &v, Some(&bias))
+            match rows {
+                None => ops::attention(&q, &k, &v, Some(&bias)),
+                Some(r) => ops::attention::recomputed_in_chunks(&q, &k, &v, Some(&bias), r * nh * t * t),
+            }
         }),
         reference: Box::new(move |a| {
             let [q, k, v] = heads(a)?;

@@ -11,9 +11,9 @@
 //! CPU, f32: each (row, KV head) pair is one task with its own `t × keys` scratch. Other devices and
 //! dtypes run [`reference`] (candle ops: cuBLAS products and candle's softmax kernel on the GPU) inside a
 //! recomputing op: the forward runs without a graph and the backward runs it again with one, so the
-//! graph keeps the same four tensors as the fused op, and the scores exist for one layer at a time.
-//! Without it, a 1B model at 8 × 1024 tokens would keep about 1 GB of f32 scores and probabilities per
-//! layer.
+//! graph keeps the same four tensors as the fused op, and the scores exist for one layer at a time, and
+//! there for a few batch rows at a time (128 MB of f32 scores). Without it, a 1B model at 8 × 1024
+//! tokens would keep about 1 GB of f32 scores and probabilities per layer.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, D};
 use rayon::prelude::*;
@@ -71,23 +71,55 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     out.reshape((b, nh, t, d))
 }
 
+/// Score elements (`heads × t × keys`) one pass of [`reference`] may hold: it materialises a few f32
+/// tensors of that size (scores, biased scores, probabilities, and their gradients in the backward), so
+/// [`recomputed`] sends the batch through it a few rows at a time, 128 MB per such tensor. A 1B model at
+/// 8 × 1024 tokens would otherwise hold about 1 GB per tensor; one row at a time its products are still
+/// 32 heads of 1024 × 1024.
+const CHUNK_SCORES: usize = 1 << 25;
+
 /// [`reference`] as one recomputing op (what non-CPU devices and bf16 run): `[b, t, heads · d]`.
 pub fn recomputed(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    recomputed_in_chunks(q, k, v, bias, CHUNK_SCORES)
+}
+
+/// [`recomputed`] with batch rows grouped so that a group has at most `max_scores` score elements
+/// (at least one row per group). Public for the tests, which make the groups small.
+pub fn recomputed_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    max_scores: usize,
+) -> Result<Tensor> {
     let (b, nh, t, d) = q.dims4()?;
-    let out = reference(&q.detach(), &k.detach(), &v.detach(), bias)?.transpose(1, 2)?.contiguous()?;
+    let rows = (max_scores / (nh * t * k.dim(2)?).max(1)).clamp(1, b.max(1));
+    let chunks = chunked(b, rows, |at, n| {
+        let part = |x: &Tensor| x.detach().narrow(0, at, n);
+        let bias = bias.map(|x| x.narrow(0, at, n)).transpose()?;
+        reference(&part(q)?, &part(k)?, &part(v)?, bias.as_ref())?.transpose(1, 2)?.contiguous()
+    })?;
+    let out = Tensor::cat(&chunks, 0)?;
     if ![q, k, v].iter().any(|x| x.track_op()) {
-        // nothing to differentiate (generation): no op, no copy
+        // nothing to differentiate (generation): no op
         return out.reshape((b, t, nh * d));
     }
-    let op = Recompute { out: std::sync::Mutex::new(Some(out)), bias: bias.cloned() };
+    let op = Recompute { out: std::sync::Mutex::new(Some(out)), bias: bias.cloned(), rows };
     q.apply_op3(k, v, op)?.reshape((b, t, nh * d))
 }
 
-/// Hands over an output computed without a graph; its backward recomputes it with one.
+/// `f(first_row, rows)` over `b` rows in groups of `rows` (the last group may be smaller).
+fn chunked<R>(b: usize, rows: usize, mut f: impl FnMut(usize, usize) -> Result<R>) -> Result<Vec<R>> {
+    (0..b).step_by(rows.max(1)).map(|at| f(at, rows.min(b - at))).collect()
+}
+
+/// Hands over an output computed without a graph; its backward recomputes it with one, `rows` batch
+/// rows at a time.
 struct Recompute {
     /// `[b, t, heads, d]`, taken by the forward (so the graph does not keep a second copy).
     out: std::sync::Mutex<Option<Tensor>>,
     bias: Option<Tensor>,
+    rows: usize,
 }
 
 impl Recompute {
@@ -140,12 +172,19 @@ impl CustomOp3 for Recompute {
         _out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) =
-            (Var::from_tensor(&q.detach())?, Var::from_tensor(&k.detach())?, Var::from_tensor(&v.detach())?);
-        let out = reference(&q, &k, &v, self.bias.as_ref())?.transpose(1, 2)?;
-        let loss = (out.to_dtype(DType::F32)? * d_out.detach().to_dtype(DType::F32)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        Ok((grads.get(&q).cloned(), grads.get(&k).cloned(), grads.get(&v).cloned()))
+        let grads = chunked(q.dim(0)?, self.rows, |at, n| {
+            let var = |x: &Tensor| Var::from_tensor(&x.detach().narrow(0, at, n)?);
+            let (q, k, v) = (var(q)?, var(k)?, var(v)?);
+            let bias = self.bias.as_ref().map(|x| x.narrow(0, at, n)).transpose()?;
+            let out = reference(&q, &k, &v, bias.as_ref())?.transpose(1, 2)?;
+            let d_out = d_out.detach().narrow(0, at, n)?.to_dtype(DType::F32)?;
+            let grads = (out.to_dtype(DType::F32)? * d_out)?.sum_all()?.backward()?;
+            // a gradient the graph never reached is zero
+            let grad = |x: &Var| grads.get(x).cloned().map_or_else(|| x.zeros_like(), Ok);
+            Ok([grad(&q)?, grad(&k)?, grad(&v)?])
+        })?;
+        let cat = |i: usize| Tensor::cat(&grads.iter().map(|g| g[i].clone()).collect::<Vec<_>>(), 0);
+        Ok((Some(cat(0)?), Some(cat(1)?), Some(cat(2)?)))
     }
 }
 
