@@ -101,7 +101,7 @@ pub fn recomputed_in_chunks(
     })?;
     let out = Tensor::cat(&chunks, 0)?;
     if ![q, k, v].iter().any(|x| x.track_op()) {
-        // nothing to differentiate (generation): no op
+        // nothing to differentiate (generation): no op (and with one pass, no copy)
         return out.reshape((b, t, nh * d));
     }
     let op = Recompute { out: std::sync::Mutex::new(Some(out)), bias: bias.cloned(), rows };

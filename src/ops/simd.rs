@@ -118,8 +118,8 @@ pub(crate) fn exp_sum(xs: &mut [f32], shift: f32) -> f64 {
     sum
 }
 
-/// In place: `xs ← softmax(xs)`. A row of −∞ (or `f32::MIN`) scores stays finite only if some score
-/// is larger; masked scores come out exactly 0.
+/// In place: `xs ← softmax(xs)`. Masked scores (biased by `f32::MIN`) come out exactly 0 when the row
+/// has an unmasked one.
 #[inline(always)]
 pub(crate) fn softmax(xs: &mut [f32]) {
     let m = max(xs);
