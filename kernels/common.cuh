@@ -27,3 +27,8 @@ __device__ __forceinline__ float warp_sum(float v) {
     KERNEL(NAME##_f32, float)               \
     KERNEL(NAME##_bf16, __nv_bfloat16)      \
     KERNEL(NAME##_f16, __half)
+
+// The same for the 16-bit types only (kernels on tensor cores): NAME_bf16 and NAME_f16.
+#define CANDOR_FOR_EACH_HALF(KERNEL, NAME) \
+    KERNEL(NAME##_bf16, __nv_bfloat16)     \
+    KERNEL(NAME##_f16, __half)

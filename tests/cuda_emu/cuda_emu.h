@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -51,6 +52,7 @@ inline thread_local unsigned linear_tid = 0;
 #define gridDim (cuda_emu::grid_dim)
 
 inline void __syncthreads() { cuda_emu::block->all->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuda_emu::block->warps[cuda_emu::linear_tid / 32]->arrive_and_wait(); }
 
 // The value `v` of the lane `src_lane(lane)` of this thread's warp (its own where that lane does not exist).
 template <typename T, typename F>

@@ -23,6 +23,26 @@ DECLARE(float, f32)
 DECLARE(__nv_bfloat16, bf16)
 DECLARE(__half, f16)
 
+// kernels/flash_attention.cu (16-bit types only)
+extern "C" void attn_tile_map(const float*, uint8_t*, uint8_t*, uint32_t, uint32_t);
+#define FLASH_DIMS_DECL uint32_t, uint32_t, uint32_t, uint32_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, \
+                        uint64_t, uint64_t, uint64_t, uint64_t, float
+#define DECLARE_FLASH(T, S, D)                                                                               \
+    extern "C" void flash_fwd_d##D##_##S(const T*, const T*, const T*, const float*, const uint8_t*,         \
+                                         const uint8_t*, T*, float*, FLASH_DIMS_DECL);                       \
+    extern "C" void flash_dq_d##D##_##S(const T*, const T*, const T*, const float*, const uint8_t*,          \
+                                        const uint8_t*, const T*, const float*, const float*, T*,            \
+                                        FLASH_DIMS_DECL);                                                    \
+    extern "C" void flash_dkv_d##D##_##S(const T*, const T*, const T*, const float*, const uint8_t*,         \
+                                         const uint8_t*, const T*, const float*, const float*, T*, T*,       \
+                                         FLASH_DIMS_DECL);
+DECLARE_FLASH(__nv_bfloat16, bf16, 64)
+DECLARE_FLASH(__nv_bfloat16, bf16, 128)
+DECLARE_FLASH(__half, f16, 64)
+DECLARE_FLASH(__half, f16, 128)
+extern "C" void attn_delta_bf16(const __nv_bfloat16*, const __nv_bfloat16*, float*, uint32_t, uint32_t);
+extern "C" void attn_delta_f16(const __half*, const __half*, float*, uint32_t, uint32_t);
+
 template <typename T> struct Kernels;
 #define KERNELS(T, S, ULP)                                                                                   \
     template <> struct Kernels<T> {                                                                          \
@@ -216,10 +236,216 @@ template <typename T> static void all() {
     cross_entropy<T>(3, 50001, 30.f, 8);   // large logits: the online max/sum must rescale
 }
 
+template <typename T, int D> struct Flash;
+#define FLASH(T, S, D)                                                                                       \
+    template <> struct Flash<T, D> {                                                                         \
+        static constexpr const char* name = #S;                                                              \
+        static constexpr auto fwd = flash_fwd_d##D##_##S;                                                    \
+        static constexpr auto dq = flash_dq_d##D##_##S;                                                      \
+        static constexpr auto dkv = flash_dkv_d##D##_##S;                                                    \
+        static constexpr auto delta = attn_delta_##S;                                                        \
+    };
+FLASH(__nv_bfloat16, bf16, 64)
+FLASH(__nv_bfloat16, bf16, 128)
+FLASH(__half, f16, 64)
+FLASH(__half, f16, 128)
+
+// ‖got − want‖ / ‖want‖
+template <typename T> static double normwise(const std::vector<T>& got, const std::vector<double>& want) {
+    double e = 0, w = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double d = f32_of(got[i]) - want[i];
+        e += d * d;
+        w += want[i] * want[i];
+    }
+    return std::sqrt(e / std::max(w, 1e-300));
+}
+
+static double rms(const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x * x;
+    return std::sqrt(s / std::max<size_t>(v.size(), 1));
+}
+
+enum class Mask { None, Causal };
+
+// Attention forward and backward through the flash kernels against a double-precision loop, with the
+// Rust wrapper's launch shapes. q is stored [b, t, heads, D] and read as [b, heads, t, D] (as the model
+// does), k as [b, tk, kv_heads, D], v as [b, kv_heads, tk, D]. With `Mask::Causal` the bias is causal
+// over the last t of tk keys, the last `pad` keys of batch row 1 are padding, query row 0 of batch row 1
+// sees nothing (a blind row: uniform over every key), and visible keys get small random biases.
+template <typename T, int D>
+static void flash_attention(uint32_t b, uint32_t nh, uint32_t nkv, uint32_t t, uint32_t tk, Mask mask) {
+    using F = Flash<T, D>;
+    const uint32_t rep = nh / nkv, pad = 5;
+    const float scale = 1.f / std::sqrt((float)D);
+    auto q = randn<T>((size_t)b * t * nh * D), k = randn<T>((size_t)b * tk * nkv * D),
+         v = randn<T>((size_t)b * nkv * tk * D), dout = randn<T>((size_t)b * t * nh * D);
+    const uint64_t qb = (uint64_t)t * nh * D, qh = D, qt = (uint64_t)nh * D;
+    const uint64_t kb = (uint64_t)tk * nkv * D, kh = D, kt = (uint64_t)nkv * D;
+    const uint64_t vb = (uint64_t)nkv * tk * D, vh = (uint64_t)tk * D, vt = D;
+    std::vector<float> bias;
+    if (mask == Mask::Causal) {
+        bias.assign((size_t)b * t * tk, 0.f);
+        std::normal_distribution<float> small(0.f, 0.5f);
+        for (uint32_t n = 0; n < b; ++n)
+            for (uint32_t i = 0; i < t; ++i)
+                for (uint32_t j = 0; j < tk; ++j) {
+                    const bool visible = j <= i + (tk - t) && !(n == 1 && (j + pad >= tk || i == 0));
+                    bias[((size_t)n * t + i) * tk + j] = visible ? small(rng) : -3.40282347e38f;
+                }
+    }
+    const float* bp = bias.empty() ? nullptr : bias.data();
+    const uint32_t gq = (t + 15) / 16, gk = (tk + 15) / 16;
+    std::vector<uint8_t> map((size_t)b * gq * gk, 0xAA), blind((size_t)b * gq, 0xAA);
+    if (bp) cuda_emu::launch(attn_tile_map, dim3{gq, b, 1}, dim3{32, 1, 1}, bp, map.data(), blind.data(), t, tk);
+    const uint8_t* mp = bp ? map.data() : nullptr;
+    const uint8_t* blp = bp ? blind.data() : nullptr;
+    auto out = poisoned<T>(q.size()), dq = poisoned<T>(q.size()), dk = poisoned<T>(k.size()),
+         dv = poisoned<T>(k.size());
+    auto stats = poisoned<float>((size_t)b * t * nh * 2), delta = poisoned<float>((size_t)b * t * nh);
+    const dim3 block{128, 1, 1};
+    cuda_emu::launch(F::fwd, dim3{(t + 63) / 64, nh, b}, block, q.data(), k.data(), v.data(), bp, mp, blp,
+                     out.data(), stats.data(), nh, nkv, t, tk, qb, qh, qt, kb, kh, kt, vb, vh, vt, scale);
+    const uint32_t rows = b * t * nh;
+    cuda_emu::launch(F::delta, warp_per_row(rows), WARP_ROWS_BLOCK, out.data(), dout.data(), delta.data(), rows,
+                     (uint32_t)D);
+    cuda_emu::launch(F::dq, dim3{(t + 63) / 64, nh, b}, block, q.data(), k.data(), v.data(), bp, mp, blp,
+                     dout.data(), stats.data(), delta.data(), dq.data(), nh, nkv, t, tk, qb, qh, qt, kb, kh, kt, vb,
+                     vh, vt, scale);
+    // dk, dv are [b, tk, kv_heads, D]
+    cuda_emu::launch(F::dkv, dim3{(tk + 63) / 64, nkv, b}, block, q.data(), k.data(), v.data(), bp, mp, blp,
+                     dout.data(), stats.data(), delta.data(), dk.data(), dv.data(), nh, nkv, t, tk, qb, qh, qt, kb,
+                     kh, kt, vb, vh, vt, scale);
+
+    std::vector<double> w_out(out.size()), w_stats(stats.size()), w_dq(q.size()), w_dk(k.size()), w_dv(k.size());
+    // Σ |terms| of each result: what rounding the terms' factors to T can move it by, in ulps
+    std::vector<double> a_out(out.size()), a_dq(q.size()), a_dk(k.size()), a_dv(k.size());
+    std::vector<double> w_map(map.size()), w_blind(blind.size()), got_map(map.size()), got_blind(blind.size());
+    for (uint32_t n = 0; n < b; ++n)
+        for (uint32_t h = 0; h < nh; ++h) {
+            const uint32_t g = h / rep;
+            auto Q = [&](uint32_t i, uint32_t d) { return at(q, n * qb + h * qh + i * qt + d); };
+            auto K = [&](uint32_t j, uint32_t d) { return at(k, n * kb + g * kh + j * kt + d); };
+            auto V = [&](uint32_t j, uint32_t d) { return at(v, n * vb + g * vh + j * vt + d); };
+            auto dO = [&](uint32_t i, uint32_t d) { return at(dout, ((size_t)(n * t + i) * nh + h) * D + d); };
+            for (uint32_t i = 0; i < t; ++i) {
+                std::vector<double> x(tk), p(tk), dp(tk);
+                double m = -INFINITY, l = 0;
+                for (uint32_t j = 0; j < tk; ++j) {
+                    double s = 0;
+                    for (uint32_t d = 0; d < D; ++d) s += Q(i, d) * K(j, d);
+                    // the score plus bias in f32, so a masking bias absorbs it as in the kernels and candle
+                    x[j] = (float)(s * scale) + (bp ? bias[((size_t)n * t + i) * tk + j] : 0.f);
+                    m = std::max(m, x[j]);
+                }
+                for (uint32_t j = 0; j < tk; ++j) l += p[j] = std::exp(x[j] - m);
+                const size_t row = (size_t)(n * t + i) * nh + h;
+                w_stats[2 * row] = m;
+                w_stats[2 * row + 1] = l;
+                double dl = 0;
+                for (uint32_t d = 0; d < D; ++d) {
+                    double o = 0;
+                    for (uint32_t j = 0; j < tk; ++j) {
+                        o += p[j] / l * V(j, d);
+                        a_out[row * D + d] += std::fabs(p[j] / l * V(j, d));
+                    }
+                    w_out[row * D + d] = o;
+                    // delta from the stored output, as the kernels (and FlashAttention) compute it
+                    dl += at(out, row * D + d) * dO(i, d);
+                }
+                for (uint32_t j = 0; j < tk; ++j) {
+                    double s = 0;
+                    for (uint32_t d = 0; d < D; ++d) s += dO(i, d) * V(j, d);
+                    const double pj = p[j] / l, ds = pj * (s - dl);
+                    for (uint32_t d = 0; d < D; ++d) {
+                        w_dq[row * D + d] += scale * ds * K(j, d);
+                        a_dq[row * D + d] += std::fabs(scale * ds * K(j, d));
+                        const size_t kv = ((size_t)(n * tk + j) * nkv + g) * D + d;
+                        w_dk[kv] += scale * ds * Q(i, d);
+                        a_dk[kv] += std::fabs(scale * ds * Q(i, d));
+                        w_dv[kv] += pj * dO(i, d);
+                        a_dv[kv] += std::fabs(pj * dO(i, d));
+                    }
+                }
+            }
+        }
+    if (bp) {
+        for (uint32_t n = 0; n < b; ++n)
+            for (uint32_t a = 0; a < gq; ++a) {
+                bool blind_row = false;
+                for (uint32_t i = a * 16; i < std::min(t, a * 16 + 16); ++i) {
+                    bool sees = false;
+                    for (uint32_t j = 0; j < tk; ++j) sees |= bias[((size_t)n * t + i) * tk + j] > -3.40282347e38f;
+                    blind_row |= !sees;
+                }
+                w_blind[n * gq + a] = blind_row;
+                got_blind[n * gq + a] = blind[n * gq + a];
+                for (uint32_t c = 0; c < gk; ++c) {
+                    bool any = false;
+                    for (uint32_t i = a * 16; i < std::min(t, a * 16 + 16); ++i)
+                        for (uint32_t j = c * 16; j < std::min(tk, c * 16 + 16); ++j)
+                            any |= bias[((size_t)n * t + i) * tk + j] > -3.40282347e38f;
+                    w_map[((size_t)n * gq + a) * gk + c] = any;
+                    got_map[((size_t)n * gq + a) * gk + c] = map[((size_t)n * gq + a) * gk + c];
+                }
+            }
+        check("attn_tile_map t=" + std::to_string(t) + " tk=" + std::to_string(tk), got_map, w_map, 0, 0);
+        check("attn_tile_map blind rows", got_blind, w_blind, 0, 0);
+    }
+    // Inputs are exact in T; the kernels round P and dS to T before their products (as candle's composed
+    // version does) and the results to T. So each result may be off by an ulp of itself plus an ulp of the
+    // sum of its terms' magnitudes (a sum that cancels loses what its terms' rounding cost them), and
+    // normwise by 0.75 ulp (measured: about 0.3 ulp). A wrong key, row, head or scale costs whole terms.
+    const double ulp = Kernels<T>::ulp;
+    const std::string tag = std::string("_") + F::name + " b=" + std::to_string(b) + " heads=" + std::to_string(nh) +
+                            "/" + std::to_string(nkv) + " t=" + std::to_string(t) + " tk=" + std::to_string(tk) +
+                            " bias=" + (bp ? "causal" : "none");
+    auto check_grad = [&](const std::string& kernel, const std::string& part, const std::vector<T>& got,
+                          const std::vector<double>& want, const std::vector<double>& terms) {
+        const std::string what = kernel + tag + part;
+        // plus a floor far below any fault, for sums that are exactly zero (a row that sees one key has
+        // dS = 0) but come out of f32 arithmetic as 1e-8, and for f16's subnormals
+        const double floor = 1e-4 * rms(want);
+        size_t bad = 0, first = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+            const double g = f32_of(got[i]);
+            if (!(std::fabs(g - want[i]) <= ulp * (std::fabs(want[i]) + terms[i]) + floor) && bad++ == 0) first = i;
+        }
+        const double e = normwise(got, want);
+        if (bad || e > 0.75 * ulp) {
+            ++failures;
+            std::printf("FAIL %s: %zu of %zu elements off (first at %zu: got %g, want %g, terms %g), normwise %.2e\n",
+                        what.c_str(), bad, want.size(), first, (double)f32_of(got[first]), want[first],
+                        terms[first], e);
+        } else {
+            std::printf("ok %s (%zu elements, normwise error %.2e)\n", what.c_str(), want.size(), e);
+        }
+    };
+    const std::string d = std::to_string(D);
+    check_grad("flash_fwd_d" + d, "", out, w_out, a_out);
+    check("flash_fwd_d" + d + tag + " stats", stats, w_stats, 1e-5, 1e-5);
+    check_grad("flash_dq_d" + d, "", dq, w_dq, a_dq);
+    check_grad("flash_dkv_d" + d, " dk", dk, w_dk, a_dk);
+    check_grad("flash_dkv_d" + d, " dv", dv, w_dv, a_dv);
+    // the delta kernel is checked through the gradients; a line for the coverage list
+    if (D == 64 && t == 75) std::printf("ok attn_delta_%s (through flash_dq and flash_dkv)\n", F::name);
+}
+
+template <typename T> static void flash_all() {
+    flash_attention<T, 64>(2, 4, 2, 75, 75, Mask::Causal);   // two query tiles, GQA, skipped tiles, a blind row
+    flash_attention<T, 64>(2, 2, 2, 33, 75, Mask::Causal);   // cached keys: 42 before the 33 new ones
+    flash_attention<T, 64>(1, 2, 1, 20, 20, Mask::None);
+    flash_attention<T, 128>(2, 2, 1, 70, 70, Mask::Causal);
+    flash_attention<T, 128>(1, 1, 1, 17, 45, Mask::None);
+}
+
 int main() {
     all<float>();
     all<__nv_bfloat16>();
     all<__half>();
+    flash_all<__nv_bfloat16>();
+    flash_all<__half>();
     std::printf("%d failed\n", failures);
     return failures ? 1 : 0;
 }
