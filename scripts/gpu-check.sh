@@ -5,12 +5,13 @@
 #   scripts/check-cuda-build.sh        (writes dist/candor-cuda and dist/candor-cuda.gz)
 # and take the repository with dist/candor-cuda.gz along (unpacked here when dist/candor-cuda is absent). There it needs python3 with torch, transformers, peft.
 #
-# Steps (each under `timeout`; the worst case adds up to about 7.5 minutes):
+# Steps (each under `timeout`; the worst case adds up to about 7.5 minutes, 20+45+100+5x55 s):
 #   a. nvidia-smi                                   -> OUT/nvidia-smi.log
 #   b. candor selftest --device cuda                -> OUT/selftest.log
 #   c. random-weight models shaped like Qwen2.5-0.5B and Llama-3.2-1B (transformers, bf16, temp dir)
 #   d. per model: candor bench train-step (bf16, batch 8 x 1024, LoRA r=16 on 7 projections, AdamW)
-#      and transformers+PEFT doing the same (scripts/bench_peft.py); GPU memory sampled by nvidia-smi
+#      and transformers+PEFT doing the same (scripts/bench_peft.py); GPU memory sampled by nvidia-smi;
+#      for Llama-3.2-1B also candor with CANDOR_ATTENTION=composed (attention without the flash kernels)
 #   e. one table: tokens/s, MFU (4 x params x tokens/s / 989e12), peak GPU memory, ratios
 #                                                   -> OUT/summary.txt (printed last)
 # Every step's full output is in OUT/<step>.log; a failed step does not stop the others.
@@ -89,12 +90,19 @@ for model in qwen2.5-0.5b llama-3.2-1b; do
     FAILED+=("$model: no model to benchmark")
     continue
   fi
-  sample_start "candor-$model"
-  run "candor-$model" 65 "$BIN" bench train-step "$MODELS/$model" --device "$DEVICE" --dtype bf16 \
-    --batch "$BATCH" --seq-len "$SEQ_LEN" --rank 16 --steps "$STEPS" --optimizer adamw --json "$OUT/candor-$model.json"
-  sample_stop
+  variants=(candor)
+  [ "$model" = llama-3.2-1b ] && variants+=(candor-composed)
+  for who in "${variants[@]}"; do
+    sample_start "$who-$model"
+    attention=flash
+    [ "$who" = candor-composed ] && attention=composed
+    run "$who-$model" 55 env CANDOR_ATTENTION=$attention "$BIN" bench train-step "$MODELS/$model" --device "$DEVICE" \
+      --dtype bf16 --batch "$BATCH" --seq-len "$SEQ_LEN" --rank 16 --steps "$STEPS" --optimizer adamw \
+      --json "$OUT/$who-$model.json"
+    sample_stop
+  done
   sample_start "peft-$model"
-  run "peft-$model" 65 "$PY" scripts/bench_peft.py "$MODELS/$model" --batch "$BATCH" --seq-len "$SEQ_LEN" --rank 16 \
+  run "peft-$model" 55 "$PY" scripts/bench_peft.py "$MODELS/$model" --batch "$BATCH" --seq-len "$SEQ_LEN" --rank 16 \
     --steps "$STEPS" --warmup 2 --device "$DEVICE" --json "$OUT/peft-$model.json"
   sample_stop
 done
@@ -140,6 +148,7 @@ print(f"training step: bf16 base, LoRA r=16 on q,k,v,o,gate,up,down, batch {c0.g
       "MFU = 4 x base params x tokens/s / 989e12")
 print("peak GPU memory: nvidia-smi memory.used (whole GPU, includes CUDA context and allocator caches); "
       "torch.max_memory_allocated for PEFT in brackets")
+print("composed: candor with CANDOR_ATTENTION=composed (attention from cuBLAS products and candle ops, no flash kernels)")
 hdr = f"{'model':14} {'trainer':7} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GPU mem':>13}  {'':>10}"
 print(hdr)
 print("-" * len(hdr))
@@ -147,16 +156,19 @@ for model in ["qwen2.5-0.5b", "llama-3.2-1b"]:
     c, p = load(f"candor-{model}.json"), load(f"peft-{model}.json")
     n = (c or p or {}).get("num_parameters")
     rows = {}
-    for who, r in (("candor", c), ("peft", p)):
+    for who, r in (("candor", c), ("peft", p), ("candor-composed", load(f"candor-composed-{model}.json"))):
+        if not r and who == "candor-composed":
+            continue
         if not r:
             print(f"{model:14} {who:7} {'failed':>10}  (see {who}-{model}.log)")
             continue
         tps = r["tokens_per_s"]
         mem = gpumem(f"{who}-{model}")
         rows[who] = (tps, mem)
+        who = "composed" if who == "candor-composed" else who  # attention without the flash kernels
         extra = f"[{gb(r.get('peak_memory_allocated_bytes'))}]" if who == "peft" else ""
         print(f"{model:14} {who:7} {tps:>10.0f} {4 * n * tps / PEAK:>7.1%} {r['median_step_s']:>8.3f} {gb(mem):>13}  {extra:>10}")
-    if len(rows) == 2:
+    if "candor" in rows and "peft" in rows:
         (ct, cm), (pt, pm) = rows["candor"], rows["peft"]
         mem_ratio = f"{cm / pm:.2f}x" if cm and pm else "-"
         print(f"{model:14} {'ratio':7} {ct / pt:>9.2f}x {'':>7} {'':>8} {mem_ratio:>13}   (candor / peft)")

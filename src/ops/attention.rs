@@ -8,9 +8,11 @@
 //! and the output is written straight into the `[batch, seq, heads · dim]` layout the output projection
 //! reads.
 //!
-//! CPU, f32: each (row, KV head) pair is one task with its own `t × keys` scratch. Other devices and
-//! dtypes run [`reference`] (candle ops: cuBLAS products and candle's softmax kernel on the GPU) inside a
-//! recomputing op: the forward runs without a graph and the backward runs it again with one, so the
+//! CPU, f32: each (row, KV head) pair is one task with its own `t × keys` scratch. CUDA in bf16 or f16
+//! with head dimension 64 or 128 (with `--features cuda`): the flash kernels of
+//! `kernels/flash_attention.cu` (`flash_attention.rs`), where scores never reach global memory. Other
+//! devices and dtypes run [`reference`] (candle ops: cuBLAS products and candle's softmax kernel on the
+//! GPU) inside a recomputing op: the forward runs without a graph and the backward runs it again with one, so the
 //! graph keeps the same four tensors as the fused op, and the scores exist for one layer at a time, and
 //! there for a few batch rows at a time (128 MB of f32 scores). Without it, a 1B model at 8 × 1024
 //! tokens would keep about 1 GB of f32 scores and probabilities per layer.
@@ -43,6 +45,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
                 bias.dtype()
             );
         }
+    }
+    #[cfg(feature = "cuda")]
+    if super::flash_attention::applies(q, k, v) {
+        return super::flash_attention::attention(q, k, v, bias);
     }
     let fused = q.device().is_cpu() && [q, k, v].iter().all(|x| x.dtype() == DType::F32);
     if !fused {
@@ -188,7 +194,7 @@ impl CustomOp3 for Recompute {
     }
 }
 
-fn last_dim_contiguous(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn last_dim_contiguous(x: &Tensor) -> Result<Tensor> {
     if x.stride().last() == Some(&1) {
         Ok(x.clone())
     } else {

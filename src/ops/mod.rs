@@ -43,6 +43,8 @@ macro_rules! with_float_type {
 pub mod attention;
 mod cpu_gemm;
 pub mod dropout;
+#[cfg(feature = "cuda")]
+pub mod flash_attention;
 pub mod frozen_linear;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
@@ -252,6 +254,7 @@ pub(crate) mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Result};
 
     pub const CROSS_ENTROPY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
+    pub const FLASH_ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
     pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
     pub const ROTARY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rotary.ptx"));
     pub const SWIGLU_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
