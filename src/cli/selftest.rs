@@ -1,5 +1,5 @@
 //! `candor selftest --device cpu|cuda`: every fused op against the same computation composed from
-//! plain candle ops, on random inputs on the chosen device, in f32 and bf16, forward and gradients.
+//! plain candle ops, on random inputs on the chosen device, in f32, bf16 and f16, forward and gradients.
 //!
 //! Output buffers of the fused ops are poisoned with NaN first (an element a kernel never writes
 //! fails), every forward runs twice and must give bit-identical results (races, reads of
@@ -58,11 +58,12 @@ struct Row {
     note: &'static str,
 }
 
+/// f32 1e-4 and bf16 1e-2 (the issue's); f16, with 8× bf16's precision, 5e-3 (it measures below 2e-3).
 fn tolerance(dtype: DType) -> f32 {
-    if dtype == DType::F32 {
-        1e-4
-    } else {
-        1e-2
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 5e-3,
+        _ => 1e-2,
     }
 }
 
@@ -347,7 +348,7 @@ pub fn run(args: SelftestArgs) -> anyhow::Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let cases = cases(&mut rng, &device)?;
     let mut rows = Vec::new();
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
         for case in &cases {
             match run_case(case, dtype, &device, &mut rng) {
                 Ok(r) => rows.extend(r),
