@@ -64,9 +64,20 @@ __device__ __forceinline__ int warp_or(int v) {
 }
 
 // Rows [r0, r0 + rows) of a [len, D] matrix with row stride `stride` into a [rows][D + 8] shared tile,
-// zeros past `len` (so padded rows add nothing, not NaN, to the products).
+// zeros past `len` (so padded rows add nothing, not NaN, to the products). 16 bytes per load where every
+// row starts 16-byte aligned (the usual case), 2 where a view's offset breaks that.
 template <typename T, int D>
 __device__ void stage(T* dst, const T* src, uint64_t stride, uint32_t r0, uint32_t rows, uint32_t len) {
+    constexpr uint32_t V = 16 / sizeof(T), PER_ROW = D / V;
+    if ((uintptr_t)src % 16 == 0 && stride % V == 0) {
+        for (uint32_t i = threadIdx.x; i < rows * PER_ROW; i += blockDim.x) {
+            const uint32_t r = i / PER_ROW, c = (i % PER_ROW) * V;
+            uint4 chunk = make_uint4(0, 0, 0, 0);  // zero bits: 0.0 in bf16 and f16
+            if (r0 + r < len) chunk = *reinterpret_cast<const uint4*>(src + (uint64_t)(r0 + r) * stride + c);
+            *reinterpret_cast<uint4*>(dst + r * (D + 8) + c) = chunk;
+        }
+        return;
+    }
     for (uint32_t i = threadIdx.x; i < rows * D; i += blockDim.x) {
         const uint32_t r = i / D, c = i % D;
         dst[r * (D + 8) + c] = r0 + r < len ? src[(uint64_t)(r0 + r) * stride + c] : from_f32<T>(0.f);
@@ -107,6 +118,64 @@ __device__ void write_tile(T* dst, uint64_t stride, uint32_t valid, const float*
     }
 }
 
+// This warp's 16 rows of a staged [rows][D + 8] tile as D/16 fragments.
+template <typename T, int D>
+__device__ void load_rows(RowA<T>* f, const T* tile) {
+    const unsigned warp = threadIdx.x / 32;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(f[c], tile + warp * 16 * (D + 8) + c * 16, D + 8);
+}
+
+// out (16 × N f32, leading dimension ld) = A·Bᵀ for this warp's 16 rows: A as D/16 fragments, B the
+// first N rows of a staged [rows][D + 8] tile.
+template <typename T, int D, int N>
+__device__ void products_bt(const RowA<T>* a, const T* b, float* out, unsigned ld) {
+#pragma unroll
+    for (int nb = 0; nb < N / 16; ++nb) {
+        Acc s;
+        wmma::fill_fragment(s, 0.f);
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+            ColB<T> bf;
+            wmma::load_matrix_sync(bf, b + nb * 16 * (D + 8) + c * 16, D + 8);
+            wmma::mma_sync(s, a[c], bf, s);
+        }
+        wmma::store_matrix_sync(out + nb * 16, s, ld, wmma::mem_row_major);
+    }
+}
+
+// acc (D/16 fragments, 16 × D) += A·B: A this warp's 16 × K in shared memory (leading dimension lda), B the
+// first K rows of a staged [rows][D + 8] tile.
+template <typename T, int D, int K>
+__device__ void accumulate(Acc* acc, const T* a, unsigned lda, const T* b) {
+#pragma unroll
+    for (int kb = 0; kb < K / 16; ++kb) {
+        RowA<T> af;
+        wmma::load_matrix_sync(af, a + kb * 16, lda);
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c) {
+            RowB<T> bf;
+            wmma::load_matrix_sync(bf, b + kb * 16 * (D + 8) + c * 16, D + 8);
+            wmma::mma_sync(acc[c], af, bf, acc[c]);
+        }
+    }
+}
+
+// Writes a warp's 16 × D accumulators times `scale` as T rows (row r to dst + r·stride, rows r < valid),
+// through `scratch` (16 × ld f32).
+template <typename T, int D>
+__device__ void write_rows(T* dst, uint64_t stride, uint32_t valid, Acc* acc, float scale, float* scratch,
+                           unsigned ld) {
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+        for (int e = 0; e < acc[c].num_elements; ++e) acc[c].x[e] *= scale;
+        wmma::store_matrix_sync(scratch, acc[c], ld, wmma::mem_row_major);
+        __syncwarp();
+        write_tile(dst + c * 16, stride, valid, scratch, ld);
+        __syncwarp();
+    }
+}
+
 template <typename T, int D, int BK>
 __device__ void forward(const T* q, const T* k, const T* v, const float* bias, const uint8_t* map,
                         const uint8_t* blind, T* out, float* stats, uint32_t nh, uint32_t nkv, uint32_t t,
@@ -133,8 +202,7 @@ __device__ void forward(const T* q, const T* k, const T* v, const float* bias, c
     stage<T, D>(ks, q + n * qb + h * qh, qt, q0, BQ, t);
     __syncthreads();
     RowA<T> qf[D / 16];
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(qf[c], ks + warp * 16 * DP + c * 16, DP);
+load_rows<T, D>(qf, ks);
     Acc rows;
     row_index(rows, sw, SP);
     Acc o[D / 16];
@@ -150,18 +218,7 @@ __device__ void forward(const T* q, const T* k, const T* v, const float* bias, c
         stage<T, D>(ks, kp, kt, k0, BK, tk);
         stage<T, D>(vs, vp, vt, k0, BK, tk);
         __syncthreads();
-#pragma unroll
-        for (int nb = 0; nb < BK / 16; ++nb) {
-            Acc s;
-            wmma::fill_fragment(s, 0.f);
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c) {
-                ColB<T> kf;
-                wmma::load_matrix_sync(kf, ks + nb * 16 * DP + c * 16, DP);
-                wmma::mma_sync(s, qf[c], kf, s);
-            }
-            wmma::store_matrix_sync(sw + nb * 16, s, SP, wmma::mem_row_major);
-        }
+        products_bt<T, D, BK>(qf, ks, sw, SP);
         __syncwarp();
 #pragma unroll
         for (int r = 0; r < 16; ++r) {
@@ -190,19 +247,10 @@ __device__ void forward(const T* q, const T* k, const T* v, const float* bias, c
             if (lane == 0) row_factor[r] = alpha;
         }
         __syncwarp();
-        RowA<T> pf[BK / 16];
 #pragma unroll
-        for (int kb2 = 0; kb2 < BK / 16; ++kb2) wmma::load_matrix_sync(pf[kb2], pw + kb2 * 16, PP);
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c) {
+        for (int c = 0; c < D / 16; ++c)
             for (int e = 0; e < o[c].num_elements; ++e) o[c].x[e] *= row_factor[(int)rows.x[e]];
-#pragma unroll
-            for (int kb2 = 0; kb2 < BK / 16; ++kb2) {
-                RowB<T> vf;
-                wmma::load_matrix_sync(vf, vs + kb2 * 16 * DP + c * 16, DP);
-                wmma::mma_sync(o[c], pf[kb2], vf, o[c]);
-            }
-        }
+        accumulate<T, D, BK>(o, pw, PP, vs);
         __syncwarp();
     }
 
@@ -216,15 +264,11 @@ __device__ void forward(const T* q, const T* k, const T* v, const float* bias, c
         }
     }
     __syncwarp();
-    T* ow = out + (((uint64_t)n * t + q0 + warp * 16) * nh + h) * D;
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
+    for (int c = 0; c < D / 16; ++c)
         for (int e = 0; e < o[c].num_elements; ++e) o[c].x[e] *= row_factor[(int)rows.x[e]];
-        wmma::store_matrix_sync(sw, o[c], SP, wmma::mem_row_major);
-        __syncwarp();
-        write_tile(ow + c * 16, (uint64_t)nh * D, my_rows, sw, SP);
-        __syncwarp();
-    }
+    write_rows<T, D>(out + (((uint64_t)n * t + q0 + warp * 16) * nh + h) * D, (uint64_t)nh * D, my_rows, o, 1.f,
+                     sw, SP);
 }
 
 template <typename T>
@@ -265,13 +309,11 @@ __device__ void grad_q(const T* q, const T* k, const T* v, const float* bias, co
     RowA<T> qf[D / 16], df[D / 16];
     stage<T, D>(ks, q + n * qb + h * qh, qt, q0, BQ, t);
     __syncthreads();
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(qf[c], ks + warp * 16 * DP + c * 16, DP);
+load_rows<T, D>(qf, ks);
     __syncthreads();
     stage<T, D>(ks, dout + (uint64_t)n * t * row_stride + h * D, row_stride, q0, BQ, t);
     __syncthreads();
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(df[c], ks + warp * 16 * DP + c * 16, DP);
+load_rows<T, D>(df, ks);
     // this warp's rows: max, 1 / sum, delta (zeros past t, where nothing is written)
     float m[16], inv_l[16], dl[16];
 #pragma unroll
@@ -292,22 +334,8 @@ __device__ void grad_q(const T* q, const T* k, const T* v, const float* bias, co
         stage<T, D>(ks, kp, kt, k0, BK, tk);
         stage<T, D>(vs, vp, vt, k0, BK, tk);
         __syncthreads();
-#pragma unroll
-        for (int nb = 0; nb < BK / 16; ++nb) {
-            Acc s, dp;
-            wmma::fill_fragment(s, 0.f);
-            wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c) {
-                ColB<T> kf, vf;
-                wmma::load_matrix_sync(kf, ks + nb * 16 * DP + c * 16, DP);
-                wmma::mma_sync(s, qf[c], kf, s);
-                wmma::load_matrix_sync(vf, vs + nb * 16 * DP + c * 16, DP);
-                wmma::mma_sync(dp, df[c], vf, dp);
-            }
-            wmma::store_matrix_sync(sw + nb * 16, s, SP, wmma::mem_row_major);
-            wmma::store_matrix_sync(dpw + nb * 16, dp, SP, wmma::mem_row_major);
-        }
+        products_bt<T, D, BK>(qf, ks, sw, SP);   // S = Q·Kᵀ
+        products_bt<T, D, BK>(df, vs, dpw, SP);  // dP = dO·Vᵀ
         __syncwarp();
         const uint32_t key = k0 + lane;  // BK == 32: one key per lane
 #pragma unroll
@@ -321,29 +349,10 @@ __device__ void grad_q(const T* q, const T* k, const T* v, const float* bias, co
             dsw[r * PP + lane] = from_f32<T>(ds);
         }
         __syncwarp();
-#pragma unroll
-        for (int kb2 = 0; kb2 < BK / 16; ++kb2) {
-            RowA<T> dsf;
-            wmma::load_matrix_sync(dsf, dsw + kb2 * 16, PP);
-#pragma unroll
-            for (int c = 0; c < D / 16; ++c) {
-                RowB<T> kf;
-                wmma::load_matrix_sync(kf, ks + kb2 * 16 * DP + c * 16, DP);
-                wmma::mma_sync(acc[c], dsf, kf, acc[c]);
-            }
-        }
+        accumulate<T, D, BK>(acc, dsw, PP, ks);  // dQ += dS·K
         __syncwarp();
     }
-
-    T* out = dq + ((uint64_t)n * t + first) * row_stride + h * D;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-        for (int e = 0; e < acc[c].num_elements; ++e) acc[c].x[e] *= scale;
-        wmma::store_matrix_sync(sw, acc[c], SP, wmma::mem_row_major);
-        __syncwarp();
-        write_tile(out + c * 16, row_stride, my_rows, sw, SP);
-        __syncwarp();
-    }
+    write_rows<T, D>(dq + ((uint64_t)n * t + first) * row_stride + h * D, row_stride, my_rows, acc, scale, sw, SP);
 }
 
 template <typename T, int D>
@@ -376,13 +385,11 @@ __device__ void grad_kv(const T* q, const T* k, const T* v, const float* bias, c
     RowA<T> kf[D / 16], vf[D / 16];
     stage<T, D>(qs, k + n * kb + g * kh, kt, k0, BKV, tk);
     __syncthreads();
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(kf[c], qs + warp * 16 * DP + c * 16, DP);
+load_rows<T, D>(kf, qs);
     __syncthreads();
     stage<T, D>(qs, v + n * vb + g * vh, vt, k0, BKV, tk);
     __syncthreads();
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) wmma::load_matrix_sync(vf[c], qs + warp * 16 * DP + c * 16, DP);
+load_rows<T, D>(vf, qs);
     Acc dka[D / 16], dva[D / 16];
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) wmma::fill_fragment(dka[c], 0.f), wmma::fill_fragment(dva[c], 0.f);
@@ -404,22 +411,8 @@ __device__ void grad_kv(const T* q, const T* k, const T* v, const float* bias, c
             }
             __syncthreads();
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warp's 16 keys × 32 queries
-#pragma unroll
-            for (int nb = 0; nb < BQ_KV / 16; ++nb) {
-                Acc s, dp;
-                wmma::fill_fragment(s, 0.f);
-                wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-                for (int c = 0; c < D / 16; ++c) {
-                    ColB<T> qf, df;
-                    wmma::load_matrix_sync(qf, qs + nb * 16 * DP + c * 16, DP);
-                    wmma::mma_sync(s, kf[c], qf, s);
-                    wmma::load_matrix_sync(df, dos + nb * 16 * DP + c * 16, DP);
-                    wmma::mma_sync(dp, vf[c], df, dp);
-                }
-                wmma::store_matrix_sync(sw + nb * 16, s, SP, wmma::mem_row_major);
-                wmma::store_matrix_sync(dpw + nb * 16, dp, SP, wmma::mem_row_major);
-            }
+            products_bt<T, D, BQ_KV>(kf, qs, sw, SP);
+            products_bt<T, D, BQ_KV>(vf, dos, dpw, SP);
             __syncwarp();
             // lanes 0-15 and 16-31 take two queries at a time, a key each (coalesced bias reads)
             const uint32_t r = lane % 16, key = first + r;
@@ -436,39 +429,15 @@ __device__ void grad_kv(const T* q, const T* k, const T* v, const float* bias, c
                 dsw[r * PP + jq] = from_f32<T>(ds);
             }
             __syncwarp();
-#pragma unroll
-            for (int kb2 = 0; kb2 < BQ_KV / 16; ++kb2) {
-                RowA<T> pf, dsf;
-                wmma::load_matrix_sync(pf, pw + kb2 * 16, PP);
-                wmma::load_matrix_sync(dsf, dsw + kb2 * 16, PP);
-#pragma unroll
-                for (int c = 0; c < D / 16; ++c) {
-                    RowB<T> dob, qb2;
-                    wmma::load_matrix_sync(dob, dos + kb2 * 16 * DP + c * 16, DP);
-                    wmma::mma_sync(dva[c], pf, dob, dva[c]);
-                    wmma::load_matrix_sync(qb2, qs + kb2 * 16 * DP + c * 16, DP);
-                    wmma::mma_sync(dka[c], dsf, qb2, dka[c]);
-                }
-            }
+            accumulate<T, D, BQ_KV>(dva, pw, PP, dos);  // dV += Pᵀ·dO
+            accumulate<T, D, BQ_KV>(dka, dsw, PP, qs);  // dK += dSᵀ·Q
             __syncwarp();
         }
     }
 
-    const uint64_t kv_stride = (uint64_t)nkv * D;
-    T* dk_out = dk + ((uint64_t)n * tk + first) * kv_stride + g * D;
-    T* dv_out = dv + ((uint64_t)n * tk + first) * kv_stride + g * D;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-        for (int e = 0; e < dka[c].num_elements; ++e) dka[c].x[e] *= scale;
-        wmma::store_matrix_sync(sw, dka[c], SP, wmma::mem_row_major);
-        __syncwarp();
-        write_tile(dk_out + c * 16, kv_stride, my_keys, sw, SP);
-        __syncwarp();
-        wmma::store_matrix_sync(sw, dva[c], SP, wmma::mem_row_major);
-        __syncwarp();
-        write_tile(dv_out + c * 16, kv_stride, my_keys, sw, SP);
-        __syncwarp();
-    }
+    const uint64_t kv_stride = (uint64_t)nkv * D, at = ((uint64_t)n * tk + first) * kv_stride + g * D;
+    write_rows<T, D>(dk + at, kv_stride, my_keys, dka, scale, sw, SP);
+    write_rows<T, D>(dv + at, kv_stride, my_keys, dva, 1.f, sw, SP);
 }
 }  // namespace flash
 

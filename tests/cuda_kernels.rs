@@ -21,7 +21,9 @@ fn every_cuda_kernel_matches_its_reference_under_cpu_emulation() {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     let emu = root.join("tests/cuda_emu");
     let built = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-I"])
+        // (the kernels reinterpret 16-bit tiles as 16-byte vectors, as CUDA code does)
+        .args(["-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread"])
+        .args(["-Wall", "-Wno-unknown-pragmas", "-I"])
         .arg(&emu)
         .arg("-I")
         .arg(root.join("kernels"))
@@ -47,9 +49,10 @@ fn every_cuda_kernel_matches_its_reference_under_cpu_emulation() {
     for src in &sources {
         let text = std::fs::read_to_string(src).unwrap();
         let mut kernels = Vec::new();
-        for (prefix, dtypes) in
-            [("CANDOR_FOR_EACH_DTYPE(", &["f32", "bf16", "f16"][..]), ("CANDOR_FOR_EACH_HALF(", &["bf16", "f16"])]
-        {
+        for (prefix, dtypes) in [
+            ("CANDOR_FOR_EACH_DTYPE(", &["f32", "bf16", "f16"][..]),
+            ("CANDOR_FOR_EACH_HALF(", &["bf16", "f16"]),
+        ] {
             for name in text
                 .lines()
                 .filter_map(|l| l.strip_prefix(prefix))

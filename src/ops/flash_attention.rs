@@ -21,6 +21,23 @@ use super::cuda::{func, output, view, warp_per_row, FLASH_ATTENTION_PTX};
 use super::cuda_storage;
 
 const OP: &str = "flash attention";
+
+/// `$body` with `$t` the Rust type of `$dtype` (bf16 or f16: the kernels' types).
+macro_rules! with_half_type {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            other => candle_core::bail!("{OP}: no kernel for {other:?} (bf16, f16)"),
+        }
+    };
+}
 const MODULE: &str = "candor_flash_attention";
 /// Threads per block of the attention kernels (4 warps), rows per forward/dQ block, keys per dK/dV
 /// block; as in kernels/flash_attention.cu.
@@ -263,11 +280,7 @@ impl CustomOp3 for Flash {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match q.dtype() {
-            DType::BF16 => self.forward::<half::bf16>((q, ql), (k, kl), (v, vl)),
-            DType::F16 => self.forward::<half::f16>((q, ql), (k, kl), (v, vl)),
-            other => candle_core::bail!("{OP}: no kernel for {other:?} (bf16, f16)"),
-        }
+        with_half_type!(q.dtype(), T => self.forward::<T>((q, ql), (k, kl), (v, vl)))
     }
 
     fn bwd(
@@ -392,10 +405,6 @@ impl CustomOp3 for Backward {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match q.dtype() {
-            DType::BF16 => self.run::<half::bf16>((q, ql), (k, kl), (v, vl)),
-            DType::F16 => self.run::<half::f16>((q, ql), (k, kl), (v, vl)),
-            other => candle_core::bail!("{OP}: no kernel for {other:?} (bf16, f16)"),
-        }
+        with_half_type!(q.dtype(), T => self.run::<T>((q, ql), (k, kl), (v, vl)))
     }
 }

@@ -78,6 +78,11 @@ template <typename T> inline T __shfl_sync(unsigned, T v, int src) {
     return cuda_emu_shuffle(v, [=](unsigned) { return (unsigned)src; });
 }
 
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

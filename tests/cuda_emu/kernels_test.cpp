@@ -274,13 +274,18 @@ enum class Mask { None, Causal };
 // does), k as [b, tk, kv_heads, D], v as [b, kv_heads, tk, D]. With `Mask::Causal` the bias is causal
 // over the last t of tk keys, the last `pad` keys of batch row 1 are padding, query row 0 of batch row 1
 // sees nothing (a blind row: uniform over every key), and visible keys get small random biases.
+// With `misaligned_k`, k starts one element into its buffer (as a narrowed view may), so its tiles are
+// staged with 2-byte loads and the others with 16-byte ones.
 template <typename T, int D>
-static void flash_attention(uint32_t b, uint32_t nh, uint32_t nkv, uint32_t t, uint32_t tk, Mask mask) {
+static void flash_attention(uint32_t b, uint32_t nh, uint32_t nkv, uint32_t t, uint32_t tk, Mask mask,
+                            bool misaligned_k = false) {
     using F = Flash<T, D>;
     const uint32_t rep = nh / nkv, pad = 5;
     const float scale = 1.f / std::sqrt((float)D);
-    auto q = randn<T>((size_t)b * t * nh * D), k = randn<T>((size_t)b * tk * nkv * D),
+    auto q = randn<T>((size_t)b * t * nh * D), k_buf = randn<T>((size_t)b * tk * nkv * D + 1),
          v = randn<T>((size_t)b * nkv * tk * D), dout = randn<T>((size_t)b * t * nh * D);
+    const std::vector<T> k(k_buf.begin() + misaligned_k, k_buf.end() - !misaligned_k);
+    const T* k_ptr = k_buf.data() + misaligned_k;
     const uint64_t qb = (uint64_t)t * nh * D, qh = D, qt = (uint64_t)nh * D;
     const uint64_t kb = (uint64_t)tk * nkv * D, kh = D, kt = (uint64_t)nkv * D;
     const uint64_t vb = (uint64_t)nkv * tk * D, vh = (uint64_t)tk * D, vt = D;
@@ -305,16 +310,16 @@ static void flash_attention(uint32_t b, uint32_t nh, uint32_t nkv, uint32_t t, u
          dv = poisoned<T>(k.size());
     auto stats = poisoned<float>((size_t)b * t * nh * 2), delta = poisoned<float>((size_t)b * t * nh);
     const dim3 block{128, 1, 1};
-    cuda_emu::launch(F::fwd, dim3{(t + 63) / 64, nh, b}, block, q.data(), k.data(), v.data(), bp, mp, blp,
+    cuda_emu::launch(F::fwd, dim3{(t + 63) / 64, nh, b}, block, q.data(), k_ptr, v.data(), bp, mp, blp,
                      out.data(), stats.data(), nh, nkv, t, tk, qb, qh, qt, kb, kh, kt, vb, vh, vt, scale);
     const uint32_t rows = b * t * nh;
     cuda_emu::launch(F::delta, warp_per_row(rows), WARP_ROWS_BLOCK, out.data(), dout.data(), delta.data(), rows,
                      (uint32_t)D);
-    cuda_emu::launch(F::dq, dim3{(t + 63) / 64, nh, b}, block, q.data(), k.data(), v.data(), bp, mp, blp,
+    cuda_emu::launch(F::dq, dim3{(t + 63) / 64, nh, b}, block, q.data(), k_ptr, v.data(), bp, mp, blp,
                      dout.data(), stats.data(), delta.data(), dq.data(), nh, nkv, t, tk, qb, qh, qt, kb, kh, kt, vb,
                      vh, vt, scale);
     // dk, dv are [b, tk, kv_heads, D]
-    cuda_emu::launch(F::dkv, dim3{(tk + 63) / 64, nkv, b}, block, q.data(), k.data(), v.data(), bp, mp, blp,
+    cuda_emu::launch(F::dkv, dim3{(tk + 63) / 64, nkv, b}, block, q.data(), k_ptr, v.data(), bp, mp, blp,
                      dout.data(), stats.data(), delta.data(), dk.data(), dv.data(), nh, nkv, t, tk, qb, qh, qt, kb,
                      kh, kt, vb, vh, vt, scale);
 
@@ -434,10 +439,10 @@ static void flash_attention(uint32_t b, uint32_t nh, uint32_t nkv, uint32_t t, u
 
 template <typename T> static void flash_all() {
     flash_attention<T, 64>(2, 4, 2, 75, 75, Mask::Causal);   // two query tiles, GQA, skipped tiles, a blind row
-    flash_attention<T, 64>(2, 2, 2, 33, 75, Mask::Causal);   // cached keys: 42 before the 33 new ones
+    flash_attention<T, 64>(2, 2, 2, 33, 75, Mask::Causal, true);  // 42 cached keys; k misaligned
     flash_attention<T, 64>(1, 2, 1, 20, 20, Mask::None);
     flash_attention<T, 128>(2, 2, 1, 70, 70, Mask::Causal);
-    flash_attention<T, 128>(1, 1, 1, 17, 45, Mask::None);
+    flash_attention<T, 128>(1, 1, 1, 17, 45, Mask::None, true);
 }
 
 int main() {
