@@ -441,6 +441,7 @@ template <typename T> static void flash_all() {
     flash_attention<T, 64>(2, 4, 2, 75, 75, Mask::Causal);   // two query tiles, GQA, skipped tiles, a blind row
     flash_attention<T, 64>(2, 2, 2, 33, 75, Mask::Causal, true);  // 42 cached keys; k misaligned
     flash_attention<T, 64>(1, 2, 1, 20, 20, Mask::None);
+    flash_attention<T, 64>(1, 4, 1, 130, 130, Mask::Causal);  // three query tiles, 4 query heads per KV head
     flash_attention<T, 128>(2, 2, 1, 70, 70, Mask::Causal);
     flash_attention<T, 128>(1, 1, 1, 17, 45, Mask::None, true);
 }
