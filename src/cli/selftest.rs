@@ -159,7 +159,7 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
         });
     }
     cases.push(lora_case(rng, (2, 37, 96), 80, 8)?);
-    // On CUDA in bf16, head dimensions 64 and 128 run the flash kernels (kernels/flash_attention.cu;
+    // On CUDA in bf16/f16, head dimensions 64 and 128 run the flash kernels (kernels/flash_attention.cu;
     // 70 rows: two query tiles, one partly filled) and 32 the recomputing composed path; the last case
     // is that path one batch row per pass, as a large batch goes.
     for (b, nh, nkv, t, d, rows) in [

@@ -12,10 +12,10 @@
 //! with head dimension 64 or 128 (with `--features cuda`): the flash kernels of
 //! `kernels/flash_attention.cu` (`flash_attention.rs`), where scores never reach global memory. Other
 //! devices and dtypes run [`reference`] (candle ops: cuBLAS products and candle's softmax kernel on the
-//! GPU) inside a recomputing op: the forward runs without a graph and the backward runs it again with one, so the
-//! graph keeps the same four tensors as the fused op, and the scores exist for one layer at a time, and
-//! there for a few batch rows at a time (128 MB of f32 scores). Without it, a 1B model at 8 × 1024
-//! tokens would keep about 1 GB of f32 scores and probabilities per layer.
+//! GPU) inside a recomputing op: the forward runs without a graph and the backward runs it again with
+//! one, so the graph keeps the same four tensors as the fused op, and the scores exist for one layer at
+//! a time, and there for a few batch rows at a time (128 MB of f32 scores). Without it, a 1B model at
+//! 8 × 1024 tokens would keep about 1 GB of f32 scores and probabilities per layer.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, D};
 use rayon::prelude::*;
