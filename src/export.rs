@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{CandorError, Result};
-use crate::model::{LoadedModel, ModelSource};
+use crate::model::{LoadedModel, LoraLinear, ModelSource};
 
 /// Shards above this size are split (transformers' default `max_shard_size` is 5 GB).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -22,50 +22,82 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Every tensor of the merged model, by Hugging Face name, in `dtype`, on the CPU.
-pub fn merged_tensors(loaded: &LoadedModel, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+/// One tensor of the merged model, made only when its shard is written, so the export holds at most
+/// one shard of merged weights beside the loaded model.
+enum Part<'a> {
+    Plain(&'a Tensor),
+    /// A projection: `W + scale·B·A` in f32.
+    Merged(&'a LoraLinear),
+}
+
+impl Part<'_> {
+    fn elem_count(&self) -> usize {
+        match self {
+            Part::Plain(t) => t.elem_count(),
+            Part::Merged(lin) => lin.weight.elem_count(),
+        }
+    }
+
+    /// The tensor in `dtype`, on the CPU (rounded once, from f32).
+    fn make(&self, dtype: DType) -> Result<Tensor> {
+        let f32 = match self {
+            Part::Plain(t) => t.to_dtype(DType::F32)?,
+            Part::Merged(lin) => lin.merged_weight_f32()?,
+        };
+        Ok(f32.to_dtype(dtype)?.to_device(&Device::Cpu)?)
+    }
+}
+
+/// Every tensor of the merged model, by Hugging Face name, in the order they are written.
+fn merged_parts(loaded: &LoadedModel) -> Vec<(String, Part<'_>)> {
     let m = &loaded.model;
-    let cpu = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.to_dtype(DType::F32)?.to_dtype(dtype)?.to_device(&Device::Cpu)?)
-    };
-    let mut out = vec![("model.embed_tokens.weight".to_string(), cpu(&m.embed_tokens)?)];
+    let mut out = vec![("model.embed_tokens.weight".to_string(), Part::Plain(&m.embed_tokens))];
     for (i, layer) in m.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), cpu(&layer.input_layernorm)?));
-        out.push((format!("{p}.post_attention_layernorm.weight"), cpu(&layer.post_attention_layernorm)?));
+        out.push((format!("{p}.input_layernorm.weight"), Part::Plain(&layer.input_layernorm)));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            Part::Plain(&layer.post_attention_layernorm),
+        ));
         if let Some(w) = &layer.self_attn.q_norm {
-            out.push((format!("{p}.self_attn.q_norm.weight"), cpu(w)?));
+            out.push((format!("{p}.self_attn.q_norm.weight"), Part::Plain(w)));
         }
         if let Some(w) = &layer.self_attn.k_norm {
-            out.push((format!("{p}.self_attn.k_norm.weight"), cpu(w)?));
+            out.push((format!("{p}.self_attn.k_norm.weight"), Part::Plain(w)));
         }
     }
     for lin in m.linears() {
-        out.push((format!("{}.weight", lin.name), cpu(&lin.merged_weight_f32()?)?));
+        out.push((format!("{}.weight", lin.name), Part::Merged(lin)));
         if let Some(b) = &lin.bias {
-            out.push((format!("{}.bias", lin.name), cpu(b)?));
+            out.push((format!("{}.bias", lin.name), Part::Plain(b)));
         }
     }
-    out.push(("model.norm.weight".to_string(), cpu(&m.norm)?));
+    out.push(("model.norm.weight".to_string(), Part::Plain(&m.norm)));
     if let Some(head) = &m.lm_head {
-        out.push(("lm_head.weight".to_string(), cpu(head)?));
+        out.push(("lm_head.weight".to_string(), Part::Plain(head)));
     }
-    Ok(out)
+    out
 }
 
-/// Writes safetensors files (one, or shards with `model.safetensors.index.json`).
-fn write_weights(dir: &Path, tensors: Vec<(String, Tensor)>, max_shard_bytes: usize) -> Result<usize> {
-    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-    let total: usize = tensors.iter().map(|(_, t)| bytes(t)).sum();
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+/// Writes safetensors files (one, or shards with `model.safetensors.index.json`), making each shard's
+/// tensors just before it is written and dropping them after.
+fn write_weights(
+    dir: &Path,
+    parts: Vec<(String, Part<'_>)>,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<usize> {
+    let bytes = |p: &Part| p.elem_count() * dtype.size_in_bytes();
+    let total: usize = parts.iter().map(|(_, p)| bytes(p)).sum();
+    let mut shards: Vec<Vec<(String, Part)>> = vec![vec![]];
     let mut current = 0;
-    for (name, t) in tensors {
-        if current > 0 && current + bytes(&t) > max_shard_bytes {
+    for (name, p) in parts {
+        if current > 0 && current + bytes(&p) > max_shard_bytes {
             shards.push(vec![]);
             current = 0;
         }
-        current += bytes(&t);
-        shards.last_mut().expect("one shard").push((name, t));
+        current += bytes(&p);
+        shards.last_mut().expect("one shard").push((name, p));
     }
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
@@ -75,10 +107,11 @@ fn write_weights(dir: &Path, tensors: Vec<(String, Tensor)>, max_shard_bytes: us
         } else {
             format!("model-{:05}-of-{n:05}.safetensors", k + 1)
         };
-        for (name, _) in &shard {
+        let mut map = HashMap::new();
+        for (name, p) in shard {
             weight_map.insert(name.clone(), Value::String(file.clone()));
+            map.insert(name, p.make(dtype)?);
         }
-        let map: HashMap<String, Tensor> = shard.into_iter().collect();
         let path = dir.join(&file);
         candle_core::safetensors::save(&map, &path).map_err(|e| CandorError::file(&path, e))?;
     }
@@ -154,7 +187,7 @@ fn write_merged_into(
     max_shard_bytes: usize,
 ) -> Result<ExportReport> {
     let m = &loaded.model;
-    let shards = write_weights(dir, merged_tensors(loaded, dtype)?, max_shard_bytes)?;
+    let shards = write_weights(dir, merged_parts(loaded), dtype, max_shard_bytes)?;
     let from_gguf = matches!(loaded.source, ModelSource::Gguf(_));
 
     // config.json: the source's own, with the dtype updated; or one built from the GGUF metadata.

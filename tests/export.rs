@@ -44,6 +44,20 @@ fn merged_export_reloads_with_the_same_logits() {
 }
 
 #[test]
+fn merged_weights_hold_no_autograd_graph() {
+    // a merged weight computed from the trainable variables would keep B·A and scale·B·A alive in its
+    // graph: three weights' memory each, for as long as the export holds it
+    let lora = tiny_with_adapter("llama");
+    let mut merged = 0;
+    for lin in lora.model.linears() {
+        let w = lin.merged_weight_f32().unwrap();
+        assert!(!w.track_op(), "{}: the merged weight carries an autograd graph", lin.name);
+        merged += lin.lora.is_some() as usize;
+    }
+    assert!(merged > 0, "the tiny model should carry adapters");
+}
+
+#[test]
 fn export_refuses_a_non_empty_directory_and_writes_adapters() {
     let lora = tiny_with_adapter("qwen2");
     let dir = scratch("export-busy");
@@ -87,4 +101,18 @@ fn gguf_base_exports_a_float_model_with_tokenizer_and_template() {
     let gen: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("generation_config.json")).unwrap()).unwrap();
     assert!(gen["eos_token_id"].as_array().unwrap().contains(&serde_json::json!(2)));
+
+    // `export --verify`: passes on this export, and fails when the reference logits are off by 1%
+    use candor::cli::export::{reference_logits, verify_export};
+    let reference = reference_logits(&lora).unwrap();
+    verify_export(&reference, &out, DType::F32).unwrap();
+    let off: Vec<_> = reference.into_iter().map(|(ids, l)| (ids, (l * 1.01).unwrap())).collect();
+    let err = verify_export(&off, &out, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("differ from the LoRA model's"), "{err}");
+    // and when the exported chat template renders other tokens
+    let template = out.join("chat_template.jinja");
+    std::fs::write(&template, format!("system:{}", std::fs::read_to_string(&template).unwrap())).unwrap();
+    let reference = reference_logits(&lora).unwrap();
+    let err = verify_export(&reference, &out, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("other tokens"), "{err}");
 }

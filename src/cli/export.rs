@@ -7,6 +7,7 @@ use crate::export::{dtype_name, export_adapter, export_merged};
 use crate::model::lora::{load_peft_weights, LoraConfig};
 use crate::model::{load_model, LoadOptions, LoadedModel, TokenBatch};
 use crate::train::checkpoint;
+use candle_core::Tensor;
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -49,7 +50,11 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let dtype = super::parse_dtype(&a.dtype)?;
+    // the LoRA model's logits are taken before the export and the model is dropped after it, so the
+    // verify's reload never sits beside it: one f32 model in memory at a time, plus one shard
+    let reference = if a.verify { Some(reference_logits(&loaded)?) } else { None };
     let report = export_merged(&loaded, &a.out, dtype)?;
+    drop(loaded);
     println!(
         "wrote {} ({}, {} shard{}) to {}",
         if report.from_gguf {
@@ -62,15 +67,39 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         if report.shards == 1 { "" } else { "s" },
         a.out.display()
     );
-    if a.verify {
-        verify_export(&loaded, &a.out, dtype)?;
+    if let Some(reference) = reference {
+        verify_export(&reference, &a.out, dtype)?;
     }
     Ok(())
 }
 
-/// Reloads the export and compares its logits with the LoRA model's on chat-rendered prompts.
+/// The prompts the verify compares logits on, chat-rendered.
+const VERIFY_PROMPTS: [&str; 2] =
+    ["How do I kill a Python process that hangs?", "Which household chemicals are dangerous to mix?"];
+
+/// A verify prompt chat-rendered to token ids.
+fn render(model: &LoadedModel, prompt: &str) -> anyhow::Result<Vec<u32>> {
+    let (_, ids) =
+        model.tokenizer()?.encode_chat(&[Message::new("user", prompt)], &serde_json::Value::Null)?;
+    Ok(ids)
+}
+
+/// The LoRA model's logits on [`VERIFY_PROMPTS`], with the token ids they were computed on.
+pub fn reference_logits(lora: &LoadedModel) -> anyhow::Result<Vec<(Vec<u32>, Tensor)>> {
+    // kept until the verify: without the guard each would hold its forward's activations
+    let _no_grad = crate::model::lora::no_grad();
+    let mut out = vec![];
+    for prompt in VERIFY_PROMPTS {
+        let ids = render(lora, prompt)?;
+        let batch = TokenBatch::single(&ids);
+        out.push((ids, lora.model.logits(&lora.model.hidden_states(&batch, None, false)?)?));
+    }
+    Ok(out)
+}
+
+/// Reloads the export and compares its logits with the LoRA model's ([`reference_logits`]).
 pub fn verify_export(
-    lora: &LoadedModel,
+    reference: &[(Vec<u32>, Tensor)],
     out: &std::path::Path,
     dtype: candle_core::DType,
 ) -> anyhow::Result<()> {
@@ -78,16 +107,15 @@ pub fn verify_export(
         out.to_str().unwrap_or_default(),
         &LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() },
     )?;
-    let tok = lora.tokenizer()?;
     let tolerance = if dtype == candle_core::DType::F32 { 1e-4 } else { 5e-2 };
-    for prompt in
-        ["How do I kill a Python process that hangs?", "Which household chemicals are dangerous to mix?"]
-    {
-        let (_, ids) = tok.encode_chat(&[Message::new("user", prompt)], &serde_json::Value::Null)?;
-        let batch = TokenBatch::single(&ids);
-        let a = lora.model.logits(&lora.model.hidden_states(&batch, None, false)?)?;
+    for (prompt, (ids, a)) in VERIFY_PROMPTS.iter().zip(reference) {
+        // the exported tokenizer and chat template must render the prompt to the same tokens
+        if &render(&merged, prompt)? != ids {
+            anyhow::bail!("verify: the exported tokenizer and chat template render {prompt:?} to other tokens than the base model's");
+        }
+        let batch = TokenBatch::single(ids);
         let b = merged.model.logits(&merged.model.hidden_states(&batch, None, false)?)?;
-        let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         let rel = diff / scale.max(1e-12);
         println!("verify: {} tokens, max |logit difference| {diff:.3e} ({rel:.2e} relative)", ids.len());

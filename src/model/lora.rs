@@ -216,12 +216,17 @@ impl LoraLinear {
         Ok(weights.forward(x, mask)?)
     }
 
-    /// `W + scale · B·A`, computed in f32 (the merge used by export).
+    /// `W + scale · B·A`, computed in f32 (the merge used by export). A and B enter detached: taken
+    /// from the variables, the sum would keep B·A and scale·B·A alive in its autograd graph, tripling
+    /// the memory of every merged weight.
     pub fn merged_weight_f32(&self) -> Result<Tensor> {
         let w = self.weight.to_dtype(DType::F32)?;
         match &self.lora {
             None => Ok(w),
-            Some(l) => Ok((w + l.b.matmul(l.a.as_tensor())?.affine(l.scale, 0.0)?)?),
+            Some(l) => {
+                let (a, b) = (l.a.as_tensor().detach(), l.b.as_tensor().detach());
+                Ok((w + b.matmul(&a)?.affine(l.scale, 0.0)?)?)
+            }
         }
     }
 }
