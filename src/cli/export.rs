@@ -55,6 +55,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let reference = if a.verify { Some(reference_logits(&loaded)?) } else { None };
     let report = export_merged(&loaded, &a.out, dtype)?;
     drop(loaded);
+    super::release_freed_memory();
     println!(
         "wrote {} ({}, {} shard{}) to {}",
         if report.from_gguf {

@@ -53,6 +53,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         std::process::exit(INTERRUPTED_EXIT);
     }
     if let (true, Some(ckpt)) = (recipe.export.at_end, &summary.last_checkpoint) {
+        super::release_freed_memory();
         let out = recipe.run_dir().join("merged");
         if out.exists() {
             std::fs::remove_dir_all(&out)?;
