@@ -145,37 +145,69 @@ pub fn export_merged_sharded(
     dtype: DType,
     max_shard_bytes: usize,
 ) -> Result<ExportReport> {
-    let tmp = prepare_out(out)?;
-    let result = write_merged_into(loaded, &tmp, dtype, max_shard_bytes);
-    finish_out(&tmp, out, result)
+    let (staging, report) = stage_merged(loaded, out, dtype, max_shard_bytes)?;
+    staging.commit()?;
+    Ok(report)
 }
 
-fn prepare_out(out: &Path) -> Result<PathBuf> {
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(CandorError::file(out, "already exists and is not empty"));
-    }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| CandorError::file(parent, format!("cannot create: {e}")))?;
-    let name =
-        out.file_name().ok_or_else(|| CandorError::file(out, "not a directory name"))?.to_string_lossy();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| CandorError::file(&tmp, format!("cannot create: {e}")))?;
-    Ok(tmp)
+/// Writes the merged model into a [`Staging`] directory for `out`, to be checked before it is committed.
+pub fn stage_merged(
+    loaded: &LoadedModel,
+    out: &Path,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<(Staging, ExportReport)> {
+    let staging = Staging::new(out)?;
+    let report = write_merged_into(loaded, staging.path(), dtype, max_shard_bytes)?;
+    Ok((staging, report))
 }
 
-fn finish_out<T>(tmp: &Path, out: &Path, result: Result<T>) -> Result<T> {
-    match result {
-        Ok(v) => {
-            if out.exists() {
-                std::fs::remove_dir(out).map_err(|e| CandorError::file(out, e))?;
-            }
-            std::fs::rename(tmp, out).map_err(|e| CandorError::file(out, e))?;
-            Ok(v)
+/// An output directory being written: a temporary sibling of `out` that [`Staging::commit`] renames
+/// into place. Dropped uncommitted (an error, a failed verify, a panic) it is removed, so `out` never
+/// holds a partial or unverified export.
+pub struct Staging {
+    tmp: PathBuf,
+    out: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    /// `out` must not exist or be empty.
+    pub fn new(out: &Path) -> Result<Staging> {
+        if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            return Err(CandorError::file(out, "already exists and is not empty"));
         }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(tmp);
-            Err(e)
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| CandorError::file(parent, format!("cannot create: {e}")))?;
+        let name =
+            out.file_name().ok_or_else(|| CandorError::file(out, "not a directory name"))?.to_string_lossy();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| CandorError::file(&tmp, format!("cannot create: {e}")))?;
+        Ok(Staging { tmp, out: out.to_path_buf(), committed: false })
+    }
+
+    /// Where the files are written until the commit.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Moves the directory into place at `out`.
+    pub fn commit(mut self) -> Result<()> {
+        if self.out.exists() {
+            std::fs::remove_dir(&self.out).map_err(|e| CandorError::file(&self.out, e))?;
+        }
+        std::fs::rename(&self.tmp, &self.out).map_err(|e| CandorError::file(&self.out, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
 }
@@ -240,9 +272,9 @@ fn write_merged_into(
 
 /// Writes only the adapter (PEFT format) into `out`.
 pub fn export_adapter(loaded: &LoadedModel, out: &Path, base_model: &str) -> Result<()> {
-    let tmp = prepare_out(out)?;
     let lora =
         loaded.model.lora.clone().ok_or_else(|| CandorError::msg("the model carries no LoRA adapter"))?;
-    let result = crate::model::lora::save_peft_adapter(&tmp, loaded.model.linears(), &lora, Some(base_model));
-    finish_out(&tmp, out, result)
+    let staging = Staging::new(out)?;
+    crate::model::lora::save_peft_adapter(staging.path(), loaded.model.linears(), &lora, Some(base_model))?;
+    staging.commit()
 }

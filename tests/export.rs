@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::DType;
-use candor::export::{export_adapter, export_merged, export_merged_sharded};
+use candor::export::{export_adapter, export_merged, export_merged_sharded, stage_merged};
 use candor::model::{load_model, LoadOptions, TokenBatch};
 use common::*;
 
@@ -55,6 +55,25 @@ fn merged_weights_hold_no_autograd_graph() {
         merged += lin.lora.is_some() as usize;
     }
     assert!(merged > 0, "the tiny model should carry adapters");
+}
+
+#[test]
+fn a_staged_export_reaches_its_destination_only_when_committed() {
+    // what `export --verify` relies on: the model is checked in the staging directory, and a failed
+    // check (or an error, or a panic) drops the staging without leaving anything at `out`
+    let lora = tiny_with_adapter("qwen3");
+    let out = scratch("export-staged").join("merged");
+    let (staging, report) = stage_merged(&lora, &out, DType::F32, 150_000).unwrap();
+    let tmp = staging.path().to_path_buf();
+    assert!(tmp.join("model.safetensors.index.json").is_file() && report.shards > 1);
+    assert!(!out.exists(), "nothing may appear at the destination before the commit");
+    drop(staging);
+    assert!(!tmp.exists() && !out.exists(), "an uncommitted staging is removed");
+
+    let (staging, _) = stage_merged(&lora, &out, DType::F32, 150_000).unwrap();
+    let tmp = staging.path().to_path_buf();
+    staging.commit().unwrap();
+    assert!(out.join("config.json").is_file() && !tmp.exists());
 }
 
 #[test]

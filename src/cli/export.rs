@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::data::template::Message;
-use crate::export::{dtype_name, export_adapter, export_merged};
+use crate::export::{dtype_name, export_adapter, stage_merged, MAX_SHARD_BYTES};
 use crate::model::lora::{load_peft_weights, LoraConfig};
 use crate::model::{load_model, LoadOptions, LoadedModel, TokenBatch};
 use crate::train::checkpoint;
@@ -53,9 +53,15 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     // the LoRA model's logits are taken before the export and the model is dropped after it, so the
     // verify's reload never sits beside it: one f32 model in memory at a time, plus one shard
     let reference = if a.verify { Some(reference_logits(&loaded)?) } else { None };
-    let report = export_merged(&loaded, &a.out, dtype)?;
+    let (staging, report) = stage_merged(&loaded, &a.out, dtype, MAX_SHARD_BYTES)?;
     drop(loaded);
     super::release_freed_memory();
+    // verified before it is moved into place: a failed verify leaves nothing at `--out`
+    if let Some(reference) = reference {
+        verify_export(&reference, staging.path(), dtype)
+            .map_err(|e| e.context(format!("nothing was written to {}", a.out.display())))?;
+    }
+    staging.commit()?;
     println!(
         "wrote {} ({}, {} shard{}) to {}",
         if report.from_gguf {
@@ -68,9 +74,6 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         if report.shards == 1 { "" } else { "s" },
         a.out.display()
     );
-    if let Some(reference) = reference {
-        verify_export(&reference, &a.out, dtype)?;
-    }
     Ok(())
 }
 
