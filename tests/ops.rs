@@ -690,6 +690,9 @@ fn attention_matches_the_composed_reference() {
     let q = rng.tensor(&[1, 3, 2, 4], 1.0);
     let k = rng.tensor(&[1, 2, 2, 4], 1.0);
     assert!(attention::attention(&q, &k, &k, None).is_err(), "3 heads over 2 KV heads");
+    let empty = rng.tensor(&[0, 2, 3, 4], 1.0);
+    let out = attention::recomputed(&empty, &empty, &empty, None).unwrap();
+    assert_eq!(out.dims(), &[0, 3, 8], "a batch of no rows");
     let bad_bias = rng.tensor(&[1, 1, 2, 3], 1.0);
     let k = rng.tensor(&[1, 1, 2, 4], 1.0);
     assert!(attention::attention(&q, &k, &k, Some(&bad_bias)).is_err());

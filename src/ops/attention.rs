@@ -99,7 +99,11 @@ pub fn recomputed_in_chunks(
     max_scores: usize,
 ) -> Result<Tensor> {
     let (b, nh, t, d) = q.dims4()?;
-    let rows = (max_scores / (nh * t * k.dim(2)?).max(1)).clamp(1, b.max(1));
+    if b == 0 {
+        // no chunk to concatenate
+        return Tensor::zeros((0, t, nh * d), q.dtype(), q.device());
+    }
+    let rows = (max_scores / (nh * t * k.dim(2)?).max(1)).clamp(1, b);
     let chunks = chunked(b, rows, |at, n| {
         let part = |x: &Tensor| x.detach().narrow(0, at, n);
         let bias = bias.map(|x| x.narrow(0, at, n)).transpose()?;
