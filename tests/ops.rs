@@ -697,3 +697,43 @@ fn attention_matches_the_composed_reference() {
     let k = rng.tensor(&[1, 1, 2, 4], 1.0);
     assert!(attention::attention(&q, &k, &k, Some(&bad_bias)).is_err());
 }
+
+#[test]
+fn adamw_step_is_the_composed_update_bit_for_bit() {
+    use candor::ops::adamw::{adamw_step, reference, Scalars};
+    let mut rng = Inputs::new();
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // odd sizes, one above the rayon chunk (16k elements); weight decay on and off
+    for (dims, wd) in [(vec![7usize, 13], 0.1), (vec![1, 3], 0.0), (vec![5, 3301], 0.01)] {
+        let p = rng.var(&dims, 1.0);
+        let want_p = p.as_tensor().copy().unwrap();
+        let mv = Tensor::zeros([&[2][..], &dims].concat(), DType::F32, &Device::Cpu).unwrap();
+        let (mut want_p, mut want_m, mut want_v) =
+            (want_p, mv.get(0).unwrap().copy().unwrap(), mv.get(1).unwrap().copy().unwrap());
+        for t in 1..=4 {
+            let lr = 1e-3 * t as f64;
+            // the gradient as a transposed view on some steps: the op takes any layout
+            let g = if t % 2 == 0 {
+                rng.tensor(&[dims[1], dims[0]], 1.0).t().unwrap()
+            } else {
+                rng.tensor(&dims, 1.0)
+            };
+            let (rp, rm, rv) =
+                reference(&want_p, &want_m, &want_v, &g, lr, (0.9, 0.999, 1e-8), wd, t).unwrap();
+            (want_p, want_m, want_v) = (rp, rm, rv);
+            adamw_step(p.as_tensor(), &mv, &g, &Scalars::new(lr, 0.9, 0.999, 1e-8, wd, t)).unwrap();
+            let what = format!("{dims:?} step {t} (CANDOR_TEST_SEED={})", rng.seed);
+            assert_eq!(bits(p.as_tensor()), bits(&want_p), "parameter {what}");
+            assert_eq!(bits(&mv.get(0).unwrap()), bits(&want_m), "m {what}");
+            assert_eq!(bits(&mv.get(1).unwrap()), bits(&want_v), "v {what}");
+        }
+    }
+    // shapes that do not fit, and a non-f32 gradient: errors
+    let p = rng.var(&[3, 4], 1.0);
+    let s = Scalars::new(1e-3, 0.9, 0.999, 1e-8, 0.0, 1);
+    let mv = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(adamw_step(p.as_tensor(), &mv, &rng.tensor(&[4, 3], 1.0), &s).is_err());
+    assert!(adamw_step(p.as_tensor(), &mv.narrow(0, 0, 1).unwrap(), &rng.tensor(&[3, 4], 1.0), &s).is_err());
+    let g16 = rng.tensor(&[3, 4], 1.0).to_dtype(DType::BF16).unwrap();
+    assert!(adamw_step(p.as_tensor(), &mv, &g16, &s).is_err());
+}

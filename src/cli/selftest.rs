@@ -341,6 +341,60 @@ fn run_case(case: &Case, dtype: DType, dev: &Device, rng: &mut ChaCha8Rng) -> an
     Ok(rows)
 }
 
+/// AdamW's in-place update (`ops::adamw`, f32 only) on the device, three steps, against the composed
+/// candle ops on the CPU; the two round the same operations, so they should agree bit for bit.
+fn adamw_rows(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Row>> {
+    use crate::ops::adamw::{adamw_step, reference, Scalars};
+    let dims = [37usize, 1001];
+    let n: usize = dims.iter().product();
+    let mut random = |scale: f32| -> anyhow::Result<Tensor> {
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Ok(Tensor::from_vec(v, dims.as_slice(), &Device::Cpu)?)
+    };
+    let p0 = random(1.0)?;
+    let param = Var::from_tensor(&p0.to_device(dev)?)?;
+    let mv = Tensor::zeros((2, dims[0], dims[1]), DType::F32, dev)?;
+    let (mut p, mut m, mut v) = (
+        p0,
+        Tensor::zeros(&dims, DType::F32, &Device::Cpu)?,
+        Tensor::zeros(&dims, DType::F32, &Device::Cpu)?,
+    );
+    for t in 1..=3 {
+        let (lr, wd, g) = (1e-3 * t as f64, 0.01, random(1.0)?);
+        (p, m, v) = reference(&p, &m, &v, &g, lr, (0.9, 0.999, 1e-8), wd, t)?;
+        adamw_step(param.as_tensor(), &mv, &g.to_device(dev)?, &Scalars::new(lr, 0.9, 0.999, 1e-8, wd, t))?;
+    }
+    let row = |check: &str, ours: &Tensor, want: &Tensor| -> anyhow::Result<Row> {
+        let (abs_err, rel_err) = errors(ours, want)?;
+        let same = identical(ours, want)?;
+        Ok(Row {
+            op: format!("adamw [{},{}] 3 steps", dims[0], dims[1]),
+            dtype: DType::F32,
+            check: check.into(),
+            abs_err,
+            rel_err,
+            tol: tolerance(DType::F32),
+            pass: rel_err <= tolerance(DType::F32),
+            note: if same { "bit-identical" } else { "" },
+        })
+    };
+    Ok(vec![row("parameter", param.as_tensor(), &p)?, row("moments", &mv, &Tensor::stack(&[m, v], 0)?)?])
+}
+
+/// A failed row for a case that could not run at all.
+fn error_row(op: String, dtype: DType, e: &anyhow::Error) -> Row {
+    Row {
+        op,
+        dtype,
+        check: format!("error: {}", crate::error::one_line(&format!("{e:#}"))),
+        abs_err: f32::NAN,
+        rel_err: f32::NAN,
+        tol: tolerance(dtype),
+        pass: false,
+        note: "",
+    }
+}
+
 pub fn run(args: SelftestArgs) -> anyhow::Result<()> {
     let device = super::parse_device(&args.device)?;
     let seed = args.seed.unwrap_or_else(rand::random);
@@ -356,18 +410,13 @@ pub fn run(args: SelftestArgs) -> anyhow::Result<()> {
         for case in &cases {
             match run_case(case, dtype, &device, &mut rng) {
                 Ok(r) => rows.extend(r),
-                Err(e) => rows.push(Row {
-                    op: case.op.clone(),
-                    dtype,
-                    check: format!("error: {}", crate::error::one_line(&format!("{e:#}"))),
-                    abs_err: f32::NAN,
-                    rel_err: f32::NAN,
-                    tol: tolerance(dtype),
-                    pass: false,
-                    note: "",
-                }),
+                Err(e) => rows.push(error_row(case.op.clone(), dtype, &e)),
             }
         }
+    }
+    match adamw_rows(&mut rng, &device) {
+        Ok(r) => rows.extend(r),
+        Err(e) => rows.push(error_row("adamw".into(), DType::F32, &e)),
     }
     let width = rows.iter().map(|r| r.op.len()).max().unwrap_or(2).max(2);
     println!(

@@ -40,6 +40,7 @@ macro_rules! with_float_type {
     };
 }
 
+pub mod adamw;
 pub mod attention;
 mod cpu_gemm;
 pub mod dropout;
@@ -253,6 +254,7 @@ pub(crate) mod cuda {
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
+    pub const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
     pub const CROSS_ENTROPY_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
     pub const FLASH_ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
     pub const RMS_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));

@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CandorError, Result};
+use crate::ops::adamw::{adamw_step, Scalars};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -28,18 +29,20 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     pub config: AdamWConfig,
     params: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Per parameter, its first and second moments as one f32 `[2, ..shape]` tensor, updated in place
+    /// (`ops::adamw`).
+    moments: Vec<Tensor>,
     /// Updates applied so far.
     pub step: u64,
 }
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
-        let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
-        let m = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { config, params, m, v, step: 0 })
+        let moments = params
+            .iter()
+            .map(|(_, v)| Tensor::zeros(moments_shape(v.dims()), DType::F32, v.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW { config, params, moments, step: 0 })
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -58,19 +61,9 @@ impl AdamW {
             )));
         }
         self.step += 1;
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        for (i, (_, var)) in self.params.iter().enumerate() {
-            let g = &grads[i];
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + c.eps)?;
-            let update = (m.div(&denom)? * (lr / bias1))?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            var.set(&(decayed - update)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+        let s = Scalars::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step as i32);
+        for (((name, var), mv), g) in self.params.iter().zip(&self.moments).zip(grads) {
+            adamw_step(var.as_tensor(), mv, g, &s).map_err(|e| CandorError::msg(format!("{name}: {e}")))?;
         }
         Ok(())
     }
@@ -78,17 +71,21 @@ impl AdamW {
     /// The moments, named `exp_avg.<param>` and `exp_avg_sq.<param>` as PyTorch names them.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            out.insert(format!("exp_avg.{name}"), self.m[i].clone());
-            out.insert(format!("exp_avg_sq.{name}"), self.v[i].clone());
+        for ((name, _), mv) in self.params.iter().zip(&self.moments) {
+            // copies: the moments are updated in place by the next step
+            for (prefix, k) in [("exp_avg", 0), ("exp_avg_sq", 1)] {
+                let t = mv.get(k).and_then(|t| t.copy()).expect("moments are [2, ..]");
+                out.insert(format!("{prefix}.{name}"), t);
+            }
         }
         out
     }
 
     /// Restores moments saved by [`Self::state_tensors`] and the step count.
     pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, step: u64) -> Result<()> {
-        for (i, (name, var)) in self.params.iter().enumerate() {
-            for (prefix, slot) in [("exp_avg", &mut self.m[i]), ("exp_avg_sq", &mut self.v[i])] {
+        for ((name, var), mv) in self.params.iter().zip(self.moments.iter_mut()) {
+            let mut both = vec![];
+            for prefix in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{prefix}.{name}");
                 let t = tensors
                     .remove(&key)
@@ -100,8 +97,9 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(var.device())?;
+                both.push(t.to_dtype(DType::F32)?.to_device(var.device())?);
             }
+            *mv = Tensor::stack(&both, 0)?;
         }
         if let Some(extra) = tensors.keys().next() {
             return Err(CandorError::msg(format!("optimizer state has {extra}, which this model does not")));
@@ -125,11 +123,21 @@ pub fn collect_grads(store: &GradStore, params: &[(String, Var)]) -> Result<Vec<
         .collect()
 }
 
-/// √(Σ‖g‖²) over all gradients.
+/// √(Σ‖g‖²) over all gradients: each ‖g‖² summed in f32 on the gradients' device, all of them read
+/// back at once (one device synchronisation, not one per tensor) and added up in f64.
 pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for g in grads {
-        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if grads.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sum.sqrt())
+    let squares =
+        grads.iter().map(|g| g.sqr()?.sum_all()?.reshape(1)).collect::<candle_core::Result<Vec<_>>>()?;
+    let squares = Tensor::cat(&squares, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(squares.iter().sum::<f64>().sqrt())
+}
+
+/// `[2, ..dims]`: the shape of a parameter's moments.
+fn moments_shape(dims: &[usize]) -> Vec<usize> {
+    let mut shape = vec![2];
+    shape.extend_from_slice(dims);
+    shape
 }

@@ -40,6 +40,10 @@ DECLARE_FLASH(__nv_bfloat16, bf16, 64)
 DECLARE_FLASH(__nv_bfloat16, bf16, 128)
 DECLARE_FLASH(__half, f16, 64)
 DECLARE_FLASH(__half, f16, 128)
+// kernels/adamw.cu (f32 only)
+extern "C" void adamw_moments(float*, const float*, uint64_t, float, float, float, float);
+extern "C" void adamw_update(float*, const float*, uint64_t, float, float, float, float);
+
 extern "C" void attn_delta_bf16(const __nv_bfloat16*, const __nv_bfloat16*, float*, uint32_t, uint32_t);
 extern "C" void attn_delta_f16(const __half*, const __half*, float*, uint32_t, uint32_t);
 
@@ -222,6 +226,43 @@ template <typename T> static void cross_entropy(uint32_t rows, uint32_t vocab, f
     grid.x = std::min(grid.x, 3u);
     cuda_emu::launch(K::softmax_grad, grid, THREADS_256, logits.data(), lse.data(), labels.data(), rows, vocab);
     check("softmax_grad" + tag, logits, grad, K::ulp + 1e-5, 1e-6);
+}
+
+// Four AdamW steps on n elements: bit for bit the f32 sequence src/ops/adamw.rs runs on the CPU (each
+// operation rounded on its own), and within rounding of the same update in double precision.
+static void adamw(size_t n, unsigned max_grid, float wd) {
+    auto p = randn<float>(n), mv = std::vector<float>(2 * n, 0.f);
+    std::vector<float> cp = p, cm(n, 0.f), cv(n, 0.f);      // the CPU's f32 sequence
+    std::vector<double> dp(p.begin(), p.end()), dm(n), dv(n);  // double precision
+    dim3 grid = elementwise_grid(n);
+    grid.x = std::min(grid.x, max_grid);
+    const double b1 = 0.9, b2 = 0.999, eps = 1e-8;
+    for (int t = 1; t <= 4; ++t) {
+        const double lr = 1e-3 * t, bias1 = 1 - std::pow(b1, t), bias2_sqrt = std::sqrt(1 - std::pow(b2, t));
+        const float fb1 = (float)b1, fc1 = (float)(1 - b1), fb2 = (float)b2, fc2 = (float)(1 - b2);
+        const float inv_b2 = (float)(1 / bias2_sqrt), feps = (float)eps, step = (float)(lr / bias1),
+                    decay = (float)(1 - lr * wd);
+        auto g = randn<float>(n);
+        cuda_emu::launch(adamw_moments, grid, THREADS_256, mv.data(), g.data(), (uint64_t)n, fb1, fc1, fb2, fc2);
+        cuda_emu::launch(adamw_update, grid, THREADS_256, p.data(), mv.data(), (uint64_t)n, inv_b2, feps, step, decay);
+        for (size_t i = 0; i < n; ++i) {
+            cm[i] = cm[i] * fb1 + g[i] * fc1;
+            cv[i] = cv[i] * fb2 + (g[i] * g[i]) * fc2;
+            cp[i] = cp[i] * decay - (cm[i] / (std::sqrt(cv[i]) * inv_b2 + feps)) * step;
+            dm[i] = dm[i] * b1 + g[i] * (1 - b1);
+            dv[i] = dv[i] * b2 + (double)g[i] * g[i] * (1 - b2);
+            dp[i] = dp[i] * (1 - lr * wd) - lr / bias1 * dm[i] / (std::sqrt(dv[i]) / bias2_sqrt + eps);
+        }
+    }
+    const std::string tag = " n=" + std::to_string(n) + " grid=" + std::to_string(grid.x) + " wd=" + std::to_string(wd);
+    std::vector<double> want_m(cm.begin(), cm.end()), want_v(cv.begin(), cv.end()), want_p(cp.begin(), cp.end());
+    want_m.insert(want_m.end(), want_v.begin(), want_v.end());
+    check("adamw_moments" + tag, mv, want_m, 0, 0);
+    check("adamw_update" + tag, p, want_p, 0, 0);
+    dm.insert(dm.end(), dv.begin(), dv.end());
+    // m sums gradients of either sign, so it can cancel far below its terms (|g| ≤ 1): an absolute bound
+    check("adamw_moments (double)" + tag, mv, dm, 1e-5, 1e-6);
+    check("adamw_update (double)" + tag, p, dp, 1e-5, 1e-7);
 }
 
 template <typename T> static void all() {
@@ -447,6 +488,8 @@ template <typename T> static void flash_all() {
 }
 
 int main() {
+    adamw(1000, 1u << 20, 0.f);
+    adamw(70001, 3, 0.1f);  // three blocks: every thread loops
     all<float>();
     all<__nv_bfloat16>();
     all<__half>();
