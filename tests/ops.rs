@@ -718,10 +718,14 @@ fn adamw_step_is_the_composed_update_bit_for_bit() {
             } else {
                 rng.tensor(&dims, 1.0)
             };
+            // step 3 is clipped: the trainer's factor, folded into the update, as `g * factor` before it
+            let clip = if t == 3 { 0.37 } else { 1.0 };
             let (rp, rm, rv) =
-                reference(&want_p, &want_m, &want_v, &g, lr, (0.9, 0.999, 1e-8), wd, t).unwrap();
+                reference(&want_p, &want_m, &want_v, &(&g * clip).unwrap(), lr, (0.9, 0.999, 1e-8), wd, t)
+                    .unwrap();
             (want_p, want_m, want_v) = (rp, rm, rv);
-            adamw_step(p.as_tensor(), &mv, &g, &Scalars::new(lr, 0.9, 0.999, 1e-8, wd, t)).unwrap();
+            let s = Scalars::new(lr, 0.9, 0.999, 1e-8, wd, t).with_grad_scale(clip);
+            adamw_step(p.as_tensor(), &mv, &g, &s).unwrap();
             let what = format!("{dims:?} step {t} (CANDOR_TEST_SEED={})", rng.seed);
             assert_eq!(bits(p.as_tensor()), bits(&want_p), "parameter {what}");
             assert_eq!(bits(&mv.get(0).unwrap()), bits(&want_m), "m {what}");

@@ -30,6 +30,8 @@ pub struct Scalars {
     step: f32,
     /// 1 − lr · weight_decay
     decay: f32,
+    /// what the gradient is multiplied by first (gradient clipping's factor; 1 for none)
+    grad_scale: f32,
 }
 
 impl Scalars {
@@ -45,12 +47,19 @@ impl Scalars {
             eps: eps as f32,
             step: (lr / bias1) as f32,
             decay: (1.0 - lr * weight_decay) as f32,
+            grad_scale: 1.0,
         }
+    }
+
+    /// The gradient multiplied by `factor` first, as `grad * factor` rounds it (the clipping factor,
+    /// folded in here rather than run as one more op per tensor).
+    pub fn with_grad_scale(self, factor: f64) -> Scalars {
+        Scalars { grad_scale: factor as f32, ..self }
     }
 }
 
 /// Updates `param` (f32, contiguous) and its moments `mv` (f32, contiguous, `[2, ..param's shape]`: m
-/// then v) in place from `grad` (f32, the parameter's shape).
+/// then v) in place from `grad` (f32, the parameter's shape; multiplied by the scalars' gradient scale).
 pub fn adamw_step(param: &Tensor, mv: &Tensor, grad: &Tensor, s: &Scalars) -> Result<()> {
     let mut want = vec![2];
     want.extend_from_slice(param.dims());
@@ -102,6 +111,7 @@ fn moments_cpu(mv: &mut [f32], g: &[f32], s: &Scalars) {
     let (m, v) = mv.split_at_mut(g.len());
     m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((m, v), g)| {
         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            let g = g * s.grad_scale;
             *m = *m * s.b1 + g * s.c1;
             *v = *v * s.b2 + (g * g) * s.c2;
         }
@@ -159,7 +169,7 @@ impl InplaceOp2 for Moments {
         gl: &Layout,
     ) -> Result<()> {
         let s = &self.0;
-        gpu::launch("adamw_moments", (mv, ml), (g, gl), [s.b1, s.c1, s.b2, s.c2])
+        gpu::launch("adamw_moments", (mv, ml), (g, gl), &[s.grad_scale, s.b1, s.c1, s.b2, s.c2])
     }
 }
 
@@ -183,7 +193,7 @@ impl InplaceOp2 for Update {
         ml: &Layout,
     ) -> Result<()> {
         let s = &self.0;
-        gpu::launch("adamw_update", (p, pl), (mv, ml), [s.inv_b2, s.eps, s.step, s.decay])
+        gpu::launch("adamw_update", (p, pl), (mv, ml), &[s.inv_b2, s.eps, s.step, s.decay])
     }
 }
 
@@ -203,7 +213,7 @@ mod gpu {
         kernel: &str,
         (dst, dl): (&mut CudaStorage, &Layout),
         (src, sl): (&CudaStorage, &Layout),
-        scalars: [f32; 4],
+        scalars: &[f32],
     ) -> Result<()> {
         let n = (if kernel == "adamw_moments" { sl } else { dl }).shape().elem_count() as u64;
         let Some((a, b)) = dl.contiguous_offsets() else {
@@ -216,10 +226,10 @@ mod gpu {
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&f);
         args.arg(&mut dst).arg(&src).arg(&n);
-        for s in &scalars {
+        for s in scalars {
             args.arg(s);
         }
-        // SAFETY: argument lists match `adamw_moments(mv, g, n, b1, c1, b2, c2)` and
+        // SAFETY: argument lists match `adamw_moments(mv, g, n, scale, b1, c1, b2, c2)` and
         // `adamw_update(p, mv, n, inv_b2, eps, step, decay)` in kernels/adamw.cu.
         unsafe { args.launch(elementwise(n as usize)) }.w()?;
         Ok(())

@@ -52,6 +52,12 @@ impl AdamW {
     /// One update with learning rate `lr` (the schedule's value for this step); `grads[i]` belongs to
     /// the i-th parameter.
     pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.apply_scaled(grads, lr, 1.0)
+    }
+
+    /// [`Self::apply`] with every gradient multiplied by `grad_scale` first (gradient clipping), inside
+    /// the update: bit for bit `apply` of `grad * grad_scale`, without a pass of its own.
+    pub fn apply_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         let c = self.config;
         if grads.len() != self.params.len() {
             return Err(CandorError::msg(format!(
@@ -61,7 +67,8 @@ impl AdamW {
             )));
         }
         self.step += 1;
-        let s = Scalars::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step as i32);
+        let s = Scalars::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step as i32)
+            .with_grad_scale(grad_scale);
         for (((name, var), mv), g) in self.params.iter().zip(&self.moments).zip(grads) {
             adamw_step(var.as_tensor(), mv, g, &s).map_err(|e| CandorError::msg(format!("{name}: {e}")))?;
         }

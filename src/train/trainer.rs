@@ -79,16 +79,12 @@ pub fn accumulate(model: &Transformer, micro_batches: &[TokenBatch]) -> Result<(
     Ok((loss_total, grads.expect("at least one micro-batch has targets"), total_tokens))
 }
 
-/// Clips to `max_norm` (0 = off) and returns the norm before clipping.
-pub fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The gradients' global norm and the factor that clips it to `max_norm` (0 = off; 1 when within),
+/// which the optimizer applies inside its update.
+pub fn clip_factor(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     let norm = global_grad_norm(grads)?;
-    if max_norm > 0.0 && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = (&*g * factor)?;
-        }
-    }
-    Ok(norm)
+    let factor = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+    Ok((norm, factor))
 }
 
 pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
@@ -282,8 +278,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
         let micro: Vec<TokenBatch> =
             plan[state.cursor.batch_in_epoch..end].iter().map(|rows| batcher.batch(rows)).collect();
         let step_start = Instant::now();
-        let (loss, mut grads, tokens) = accumulate(model, &micro)?;
-        let grad_norm = clip(&mut grads, recipe.optim.max_grad_norm)?;
+        let (loss, grads, tokens) = accumulate(model, &micro)?;
+        let (grad_norm, clip) = clip_factor(&grads, recipe.optim.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(CandorError::msg(format!(
                 "step {}: loss {loss}, gradient norm {grad_norm} — stopping; the last good checkpoint is kept{}",
@@ -292,7 +288,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
             )));
         }
         let lr = schedule.lr(state.step);
-        opt.apply(&grads, lr)?;
+        opt.apply_scaled(&grads, lr, clip)?;
         state.step += 1;
         state.cursor.batch_in_epoch = end;
         let row_tokens: usize =

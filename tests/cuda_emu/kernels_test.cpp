@@ -41,7 +41,7 @@ DECLARE_FLASH(__nv_bfloat16, bf16, 128)
 DECLARE_FLASH(__half, f16, 64)
 DECLARE_FLASH(__half, f16, 128)
 // kernels/adamw.cu (f32 only)
-extern "C" void adamw_moments(float*, const float*, uint64_t, float, float, float, float);
+extern "C" void adamw_moments(float*, const float*, uint64_t, float, float, float, float, float);
 extern "C" void adamw_update(float*, const float*, uint64_t, float, float, float, float);
 
 extern "C" void attn_delta_bf16(const __nv_bfloat16*, const __nv_bfloat16*, float*, uint32_t, uint32_t);
@@ -243,7 +243,9 @@ static void adamw(size_t n, unsigned max_grid, float wd) {
         const float inv_b2 = (float)(1 / bias2_sqrt), feps = (float)eps, step = (float)(lr / bias1),
                     decay = (float)(1 - lr * wd);
         auto g = randn<float>(n);
-        cuda_emu::launch(adamw_moments, grid, THREADS_256, mv.data(), g.data(), (uint64_t)n, fb1, fc1, fb2, fc2);
+        const float scale = t == 3 ? 0.37f : 1.f;  // a clipped step
+        cuda_emu::launch(adamw_moments, grid, THREADS_256, mv.data(), g.data(), (uint64_t)n, scale, fb1, fc1, fb2, fc2);
+        for (auto& gi : g) gi *= scale;
         cuda_emu::launch(adamw_update, grid, THREADS_256, p.data(), mv.data(), (uint64_t)n, inv_b2, feps, step, decay);
         for (size_t i = 0; i < n; ++i) {
             cm[i] = cm[i] * fb1 + g[i] * fc1;
