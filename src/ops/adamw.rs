@@ -61,9 +61,7 @@ impl Scalars {
 /// Updates `param` (f32, contiguous) and its moments `mv` (f32, contiguous, `[2, ..param's shape]`: m
 /// then v) in place from `grad` (f32, the parameter's shape; multiplied by the scalars' gradient scale).
 pub fn adamw_step(param: &Tensor, mv: &Tensor, grad: &Tensor, s: &Scalars) -> Result<()> {
-    let mut want = vec![2];
-    want.extend_from_slice(param.dims());
-    if grad.dims() != param.dims() || mv.dims() != want.as_slice() {
+    if grad.dims() != param.dims() || mv.dims() != moments_shape(param.dims()).as_slice() {
         candle_core::bail!(
             "{OP}: parameter {:?}, gradient {:?} and moments {:?} do not fit",
             param.dims(),
@@ -79,6 +77,13 @@ pub fn adamw_step(param: &Tensor, mv: &Tensor, grad: &Tensor, s: &Scalars) -> Re
     }
     mv.inplace_op2(&grad.contiguous()?, &Moments(*s))?;
     param.inplace_op2(mv, &Update(*s))
+}
+
+/// `[2, ..dims]`: the shape of the moments of a parameter of shape `dims`.
+pub fn moments_shape(dims: &[usize]) -> Vec<usize> {
+    let mut shape = vec![2];
+    shape.extend_from_slice(dims);
+    shape
 }
 
 /// The same update composed from candle ops, as the optimizer ran it before (the tests' reference):
@@ -128,19 +133,12 @@ fn update_cpu(p: &mut [f32], mv: &[f32], s: &Scalars) {
     });
 }
 
-/// The f32 elements a contiguous layout covers, mutably.
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+/// [`super::f32_slice`], mutably: the f32 elements a contiguous layout covers.
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
     let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
         candle_core::bail!("{OP}: {what} must be contiguous f32")
     };
     Ok(&mut v[a..b])
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("{OP}: {what} must be contiguous f32")
-    };
-    Ok(&v[a..b])
 }
 
 /// `[m; v]` from the gradient, in place.
@@ -155,8 +153,8 @@ impl InplaceOp2 for Moments {
     }
 
     fn cpu_fwd(&self, mv: &mut CpuStorage, ml: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        let g = slice(g, gl, "the gradient")?;
-        moments_cpu(slice_mut(mv, ml, "the moments")?, g, &self.0);
+        let g = super::f32_slice(g, gl, OP, "the gradient")?;
+        moments_cpu(f32_slice_mut(mv, ml, "the moments")?, g, &self.0);
         Ok(())
     }
 
@@ -179,8 +177,8 @@ impl InplaceOp2 for Update {
     }
 
     fn cpu_fwd(&self, p: &mut CpuStorage, pl: &Layout, mv: &CpuStorage, ml: &Layout) -> Result<()> {
-        let mv = slice(mv, ml, "the moments")?;
-        update_cpu(slice_mut(p, pl, "the parameter")?, mv, &self.0);
+        let mv = super::f32_slice(mv, ml, OP, "the moments")?;
+        update_cpu(f32_slice_mut(p, pl, "the parameter")?, mv, &self.0);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CandorError, Result};
-use crate::ops::adamw::{adamw_step, Scalars};
+use crate::ops::adamw::{adamw_step, moments_shape, Scalars};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -140,11 +140,4 @@ pub fn global_grad_norm(grads: &[Tensor]) -> Result<f64> {
         grads.iter().map(|g| g.sqr()?.sum_all()?.reshape(1)).collect::<candle_core::Result<Vec<_>>>()?;
     let squares = Tensor::cat(&squares, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     Ok(squares.iter().sum::<f64>().sqrt())
-}
-
-/// `[2, ..dims]`: the shape of a parameter's moments.
-fn moments_shape(dims: &[usize]) -> Vec<usize> {
-    let mut shape = vec![2];
-    shape.extend_from_slice(dims);
-    shape
 }
