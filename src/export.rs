@@ -145,26 +145,25 @@ pub fn export_merged_sharded(
     dtype: DType,
     max_shard_bytes: usize,
 ) -> Result<ExportReport> {
-    let (staging, report) = stage_merged(loaded, out, dtype, max_shard_bytes)?;
+    let (staging, report) = stage_merged(Staging::new(out)?, loaded, dtype, max_shard_bytes)?;
     staging.commit()?;
     Ok(report)
 }
 
-/// Writes the merged model into a [`Staging`] directory for `out`, to be checked before it is committed.
+/// Writes the merged model into `staging`, to be checked before it is committed.
 pub fn stage_merged(
+    staging: Staging,
     loaded: &LoadedModel,
-    out: &Path,
     dtype: DType,
     max_shard_bytes: usize,
 ) -> Result<(Staging, ExportReport)> {
-    let staging = Staging::new(out)?;
     let report = write_merged_into(loaded, staging.path(), dtype, max_shard_bytes)?;
     Ok((staging, report))
 }
 
 /// An output directory being written: a temporary sibling of `out` that [`Staging::commit`] renames
 /// into place. Dropped uncommitted (an error, a failed verify, a panic) it is removed, so `out` never
-/// holds a partial or unverified export.
+/// holds a partial or unverified export, and what was there before stays.
 pub struct Staging {
     tmp: PathBuf,
     out: PathBuf,
@@ -175,7 +174,16 @@ impl Staging {
     /// `out` must not exist or be empty.
     pub fn new(out: &Path) -> Result<Staging> {
         if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            return Err(CandorError::file(out, "already exists and is not empty"));
+            return Err(CandorError::file(out, "already exists and is not empty (--overwrite replaces it)"));
+        }
+        Staging::replacing(out)
+    }
+
+    /// Like [`Staging::new`], but a directory already at `out` is replaced by the commit (and kept if
+    /// there is none).
+    pub fn replacing(out: &Path) -> Result<Staging> {
+        if out.exists() && !out.is_dir() {
+            return Err(CandorError::file(out, "exists and is not a directory"));
         }
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)
@@ -193,13 +201,16 @@ impl Staging {
         &self.tmp
     }
 
-    /// Moves the directory into place at `out`.
+    /// Moves the directory into place at `out`; what was there is moved aside first and removed after.
     pub fn commit(mut self) -> Result<()> {
+        let old = PathBuf::from(format!("{}.old", self.tmp.display()));
+        let _ = std::fs::remove_dir_all(&old);
         if self.out.exists() {
-            std::fs::remove_dir(&self.out).map_err(|e| CandorError::file(&self.out, e))?;
+            std::fs::rename(&self.out, &old).map_err(|e| CandorError::file(&self.out, e))?;
         }
         std::fs::rename(&self.tmp, &self.out).map_err(|e| CandorError::file(&self.out, e))?;
         self.committed = true;
+        let _ = std::fs::remove_dir_all(&old);
         Ok(())
     }
 }
@@ -270,11 +281,10 @@ fn write_merged_into(
     Ok(ExportReport { shards, from_gguf })
 }
 
-/// Writes only the adapter (PEFT format) into `out`.
-pub fn export_adapter(loaded: &LoadedModel, out: &Path, base_model: &str) -> Result<()> {
+/// Writes only the adapter (PEFT format) through `staging`.
+pub fn export_adapter(loaded: &LoadedModel, staging: Staging, base_model: &str) -> Result<()> {
     let lora =
         loaded.model.lora.clone().ok_or_else(|| CandorError::msg("the model carries no LoRA adapter"))?;
-    let staging = Staging::new(out)?;
     crate::model::lora::save_peft_adapter(staging.path(), loaded.model.linears(), &lora, Some(base_model))?;
     staging.commit()
 }

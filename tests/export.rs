@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::DType;
-use candor::export::{export_adapter, export_merged, export_merged_sharded, stage_merged};
+use candor::export::{export_adapter, export_merged, export_merged_sharded, stage_merged, Staging};
 use candor::model::{load_model, LoadOptions, TokenBatch};
 use common::*;
 
@@ -63,17 +63,31 @@ fn a_staged_export_reaches_its_destination_only_when_committed() {
     // check (or an error, or a panic) drops the staging without leaving anything at `out`
     let lora = tiny_with_adapter("qwen3");
     let out = scratch("export-staged").join("merged");
-    let (staging, report) = stage_merged(&lora, &out, DType::F32, 150_000).unwrap();
+    let (staging, report) = stage_merged(Staging::new(&out).unwrap(), &lora, DType::F32, 150_000).unwrap();
     let tmp = staging.path().to_path_buf();
     assert!(tmp.join("model.safetensors.index.json").is_file() && report.shards > 1);
     assert!(!out.exists(), "nothing may appear at the destination before the commit");
     drop(staging);
     assert!(!tmp.exists() && !out.exists(), "an uncommitted staging is removed");
 
-    let (staging, _) = stage_merged(&lora, &out, DType::F32, 150_000).unwrap();
+    let (staging, _) = stage_merged(Staging::new(&out).unwrap(), &lora, DType::F32, 150_000).unwrap();
     let tmp = staging.path().to_path_buf();
     staging.commit().unwrap();
     assert!(out.join("config.json").is_file() && !tmp.exists());
+
+    // replacing (`export --overwrite`, the end-of-training export): the old directory stays until the
+    // new one is committed
+    std::fs::write(out.join("old.txt"), "earlier run").unwrap();
+    assert!(Staging::new(&out).is_err(), "a non-empty destination needs --overwrite");
+    let (staging, _) = stage_merged(Staging::replacing(&out).unwrap(), &lora, DType::F32, 150_000).unwrap();
+    drop(staging);
+    assert!(out.join("old.txt").is_file(), "an uncommitted replacement leaves the old directory");
+    let (staging, _) = stage_merged(Staging::replacing(&out).unwrap(), &lora, DType::F32, 150_000).unwrap();
+    staging.commit().unwrap();
+    assert!(out.join("config.json").is_file() && !out.join("old.txt").exists());
+    let leftovers: Vec<_> =
+        std::fs::read_dir(out.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("merged")], "no temporary directories are left");
 }
 
 #[test]
@@ -86,7 +100,7 @@ fn export_refuses_a_non_empty_directory_and_writes_adapters() {
     assert_eq!(std::fs::read_to_string(dir.join("keep.txt")).unwrap(), "mine");
 
     let out = scratch("export-adapter").join("adapter");
-    export_adapter(&lora, &out, "tiny-qwen2").unwrap();
+    export_adapter(&lora, Staging::new(&out).unwrap(), "tiny-qwen2").unwrap();
     assert!(out.join("adapter_model.safetensors").is_file() && out.join("adapter_config.json").is_file());
 }
 

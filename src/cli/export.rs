@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::data::template::Message;
-use crate::export::{dtype_name, export_adapter, stage_merged, MAX_SHARD_BYTES};
+use crate::export::{dtype_name, export_adapter, stage_merged, Staging, MAX_SHARD_BYTES};
 use crate::model::lora::{load_peft_weights, LoraConfig};
 use crate::model::{load_model, LoadOptions, LoadedModel, TokenBatch};
 use crate::train::checkpoint;
@@ -13,9 +13,13 @@ use candle_core::Tensor;
 pub struct ExportArgs {
     /// A checkpoint directory (checkpoints/<run>/step-<N>).
     pub checkpoint: PathBuf,
-    /// Where to write the model directory (must not exist or be empty).
+    /// Where to write the model directory (must not exist or be empty, unless --overwrite).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace --out if it holds something, once the new export is written (and verified, with
+    /// --verify); until then, and if anything fails, it is left as it was.
+    #[arg(long)]
+    pub overwrite: bool,
     /// bf16, f16 or f32: the dtype of the written weights (the merge itself is always f32).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
@@ -42,24 +46,26 @@ pub fn load_checkpoint_model(
 }
 
 pub fn run(a: ExportArgs) -> anyhow::Result<()> {
+    // the destination and the dtype are checked before the model is loaded
+    let staging = if a.overwrite { Staging::replacing(&a.out)? } else { Staging::new(&a.out)? };
+    let dtype = super::parse_dtype(&a.dtype)?;
     let f32_cpu = LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() };
     let (loaded, base) = load_checkpoint_model(&a.checkpoint, &f32_cpu)?;
     if a.adapter_only {
-        export_adapter(&loaded, &a.out, &base)?;
+        export_adapter(&loaded, staging, &base)?;
         println!("wrote the adapter (PEFT format) to {}", a.out.display());
         return Ok(());
     }
-    let dtype = super::parse_dtype(&a.dtype)?;
     // the LoRA model's logits are taken before the export and the model is dropped after it, so the
     // verify's reload never sits beside it: one f32 model in memory at a time, plus one shard
     let reference = if a.verify { Some(reference_logits(&loaded)?) } else { None };
-    let (staging, report) = stage_merged(&loaded, &a.out, dtype, MAX_SHARD_BYTES)?;
+    let (staging, report) = stage_merged(staging, &loaded, dtype, MAX_SHARD_BYTES)?;
     drop(loaded);
     super::release_freed_memory();
-    // verified before it is moved into place: a failed verify leaves nothing at `--out`
+    // verified before it is moved into place: a failed verify leaves `--out` as it was
     if let Some(reference) = reference {
         verify_export(&reference, staging.path(), dtype)
-            .map_err(|e| e.context(format!("nothing was written to {}", a.out.display())))?;
+            .map_err(|e| e.context(format!("{} was left as it was", a.out.display())))?;
     }
     staging.commit()?;
     println!(

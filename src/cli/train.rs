@@ -54,13 +54,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let (true, Some(ckpt)) = (recipe.export.at_end, &summary.last_checkpoint) {
         super::release_freed_memory();
+        // a merged model from an earlier run is replaced only once this one is written and verified
         let out = recipe.run_dir().join("merged");
-        if out.exists() {
-            std::fs::remove_dir_all(&out)?;
-        }
         super::export::run(super::export::ExportArgs {
             checkpoint: ckpt.clone(),
             out: out.clone(),
+            overwrite: true,
             dtype: recipe.export.dtype.clone(),
             adapter_only: false,
             verify: recipe.export.verify,
