@@ -78,3 +78,35 @@ fn adamw_state_round_trips() {
         );
     }
 }
+
+#[test]
+fn a_scaled_update_is_the_update_of_the_scaled_gradients() {
+    // gradient clipping's factor is folded into the update (AdamW::apply_scaled): bit for bit what
+    // multiplying every gradient first and applying the plain update gives
+    let g = golden();
+    // (each call makes its own copies of the initial values)
+    let (folded, scaled) = (params(&g), params(&g));
+    let mut a = AdamW::new(folded.clone(), CFG).unwrap();
+    let mut b = AdamW::new(scaled.clone(), CFG).unwrap();
+    for (step, lr) in LRS.iter().enumerate() {
+        let factor = [0.37, 1.0, 0.05][step];
+        let grads = collect_grads(&grads_for(step, &folded, &g), &folded).unwrap();
+        a.apply_scaled(&grads, *lr, factor).unwrap();
+        let grads: Vec<_> = collect_grads(&grads_for(step, &scaled, &g), &scaled)
+            .unwrap()
+            .iter()
+            .map(|t| (t * factor).unwrap())
+            .collect();
+        b.apply(&grads, *lr).unwrap();
+    }
+    let bits = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for ((_, x), (_, y)) in folded.iter().zip(&scaled) {
+        assert_eq!(bits(x.as_tensor()), bits(y.as_tensor()));
+    }
+    // the moments too: AdamW's step is nearly invariant to the gradients' scale, they are not
+    let (sa, sb) = (a.state_tensors(), b.state_tensors());
+    assert_eq!(sa.len(), 4);
+    for (name, t) in &sa {
+        assert_eq!(bits(t), bits(&sb[name]), "{name}");
+    }
+}
