@@ -179,8 +179,8 @@ impl Staging {
         Staging::replacing(out)
     }
 
-    /// Like [`Staging::new`], but a directory already at `out` is replaced by the commit (and kept if
-    /// there is none).
+    /// Like [`Staging::new`], but a directory already at `out` is allowed: it is left as it is until the
+    /// commit replaces it.
     pub fn replacing(out: &Path) -> Result<Staging> {
         if out.exists() && !out.is_dir() {
             return Err(CandorError::file(out, "exists and is not a directory"));
@@ -208,7 +208,11 @@ impl Staging {
         if self.out.exists() {
             std::fs::rename(&self.out, &old).map_err(|e| CandorError::file(&self.out, e))?;
         }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| CandorError::file(&self.out, e))?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
+            // put the earlier directory back
+            let _ = std::fs::rename(&old, &self.out);
+            return Err(CandorError::file(&self.out, e));
+        }
         self.committed = true;
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
