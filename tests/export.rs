@@ -149,3 +149,41 @@ fn gguf_base_exports_a_float_model_with_tokenizer_and_template() {
     let err = verify_export(&reference, &out, DType::F32).err().unwrap().to_string();
     assert!(err.contains("other tokens"), "{err}");
 }
+
+#[test]
+fn a_base_loaded_in_its_stored_dtype_exports_the_same_model() {
+    // what `export` without --verify does: load the base in the dtype its files hold (bf16 here)
+    // rather than f32; the merge is f32 per tensor either way, so the files must be identical
+    use candor::model::stored_float_dtype;
+    let hub = candor::hub::HubOptions::from_env();
+    let fixture = fixtures().join("tiny-llama");
+    assert_eq!(stored_float_dtype(fixture.to_str().unwrap(), &hub).unwrap(), Some(DType::F32));
+    let gguf = format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR"));
+    assert_eq!(stored_float_dtype(&gguf, &hub).unwrap(), None, "a GGUF base is dequantized: f32");
+
+    // a bf16 base: the tiny model merged and written in bf16, with the fixture's config
+    let base = scratch("export-stored-dtype").join("base");
+    export_merged(&tiny_with_adapter("llama"), &base, DType::BF16).unwrap();
+    assert_eq!(stored_float_dtype(base.to_str().unwrap(), &hub).unwrap(), Some(DType::BF16));
+    let adapter = fixture.join("adapter");
+    let with_adapter = |dtype: DType| {
+        let opts = LoadOptions { dtype: Some(dtype), tokenizer: false, ..LoadOptions::cpu() };
+        let mut m = load_model(base.to_str().unwrap(), &opts).unwrap();
+        let cfg = candor::model::LoraConfig::from_peft_file(&adapter.join("adapter_config.json")).unwrap();
+        m.model.add_lora(&cfg, 0).unwrap();
+        candor::model::lora::load_peft_weights(&adapter.join("adapter_model.safetensors"), m.model.linears())
+            .unwrap();
+        m
+    };
+    for out_dtype in [DType::BF16, DType::F32] {
+        let files: Vec<Vec<u8>> = [DType::BF16, DType::F32]
+            .iter()
+            .map(|&load| {
+                let out = scratch(&format!("export-stored-{load:?}-{out_dtype:?}")).join("merged");
+                export_merged(&with_adapter(load), &out, out_dtype).unwrap();
+                std::fs::read(out.join("model.safetensors")).unwrap()
+            })
+            .collect();
+        assert!(files[0] == files[1], "{out_dtype:?} export differs between a bf16 and an f32 load");
+    }
+}

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use crate::data::template::Message;
 use crate::export::{dtype_name, export_adapter, stage_merged, Staging, MAX_SHARD_BYTES};
+use crate::hub::HubOptions;
 use crate::model::lora::{load_peft_weights, LoraConfig};
-use crate::model::{load_model, LoadOptions, LoadedModel, TokenBatch};
+use crate::model::{load_model, stored_float_dtype, LoadOptions, LoadedModel, TokenBatch};
 use crate::train::checkpoint;
 use candle_core::Tensor;
 
@@ -31,7 +32,8 @@ pub struct ExportArgs {
     pub verify: bool,
 }
 
-/// Loads a checkpoint's base model with its adapter applied (export uses f32 on the CPU).
+/// Loads a checkpoint's base model with its adapter applied (export loads it on the CPU, in f32 or in
+/// the dtype the base's files hold).
 pub fn load_checkpoint_model(
     dir: &std::path::Path,
     opts: &LoadOptions,
@@ -49,8 +51,18 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     // the destination and the dtype are checked before the model is loaded
     let staging = if a.overwrite { Staging::replacing(&a.out)? } else { Staging::new(&a.out)? };
     let dtype = super::parse_dtype(&a.dtype)?;
-    let f32_cpu = LoadOptions { dtype: Some(candle_core::DType::F32), ..LoadOptions::cpu() };
-    let (loaded, base) = load_checkpoint_model(&a.checkpoint, &f32_cpu)?;
+    // The merge runs in f32 per tensor whatever the loaded dtype, so loading the base in the dtype its
+    // files hold (bf16 for most Hugging Face models) gives the same export with half of f32's memory.
+    // The verify's reference logits want the f32 model.
+    let load_dtype = match a.verify {
+        true => candle_core::DType::F32,
+        false => {
+            let spec = checkpoint::saved_recipe(&a.checkpoint)?.model.path;
+            stored_float_dtype(&spec, &HubOptions::from_env())?.unwrap_or(candle_core::DType::F32)
+        }
+    };
+    let opts = LoadOptions { dtype: Some(load_dtype), ..LoadOptions::cpu() };
+    let (loaded, base) = load_checkpoint_model(&a.checkpoint, &opts)?;
     if a.adapter_only {
         export_adapter(&loaded, staging, &base)?;
         println!("wrote the adapter (PEFT format) to {}", a.out.display());

@@ -175,16 +175,51 @@ fn shard_files(index: &Path) -> Result<Vec<String>> {
     Ok(files)
 }
 
+/// The safetensors files of a Hugging Face model directory.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        Ok(shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect())
+    } else if dir.join("model.safetensors").is_file() {
+        Ok(vec![dir.join("model.safetensors")])
+    } else {
+        Err(CandorError::file(dir, "no model.safetensors or model.safetensors.index.json"))
+    }
+}
+
+/// The one float dtype (f32, bf16 or f16) a model's safetensors hold all their float tensors in, read
+/// from the file headers; `None` for a GGUF file (dequantized on load) or mixed dtypes. Loading in this
+/// dtype converts nothing.
+pub fn stored_float_dtype(spec: &str, hub: &HubOptions) -> Result<Option<DType>> {
+    let dir = match ModelSource::resolve(spec)? {
+        ModelSource::Gguf(_) => return Ok(None),
+        ModelSource::Dir(dir) => dir,
+        ModelSource::Hub(id) => fetch_hub_model(&id, hub)?,
+    };
+    let mut found = None;
+    for file in weight_files(&dir)? {
+        // SAFETY: the file is only read, for its header, while this function runs
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
+            .map_err(|e| CandorError::file(&file, e))?;
+        for (_, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F16 => DType::F16,
+                _ => continue,
+            };
+            if found.is_some_and(|d| d != dtype) {
+                return Ok(None);
+            }
+            found = Some(dtype);
+        }
+    }
+    Ok(found)
+}
+
 fn load_dir(dir: &Path, source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if index.is_file() {
-        shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
-    } else if dir.join("model.safetensors").is_file() {
-        vec![dir.join("model.safetensors")]
-    } else {
-        return Err(CandorError::file(dir, "no model.safetensors or model.safetensors.index.json"));
-    };
+    let files = weight_files(dir)?;
     let mut tensors = HashMap::new();
     for file in &files {
         let loaded =

@@ -10,7 +10,7 @@ pub mod transformer;
 
 pub use config::{Family, ModelConfig};
 pub use input::{TokenBatch, IGNORE_INDEX};
-pub use load::{load_model, load_tokenizer, LoadOptions, LoadedModel, ModelSource};
+pub use load::{load_model, load_tokenizer, stored_float_dtype, LoadOptions, LoadedModel, ModelSource};
 pub use lora::{LoraConfig, LoraLinear};
 pub use tokenizer::ChatTokenizer;
 pub use transformer::{KvCache, Transformer};
