@@ -213,7 +213,8 @@ mod gpu {
         (src, sl): (&CudaStorage, &Layout),
         scalars: &[f32],
     ) -> Result<()> {
-        let n = (if kernel == "adamw_moments" { sl } else { dl }).shape().elem_count() as u64;
+        // the parameter's elements: the smaller side (the other is its [2, n] moments)
+        let n = dl.shape().elem_count().min(sl.shape().elem_count()) as u64;
         let Some((a, b)) = dl.contiguous_offsets() else {
             candle_core::bail!("{OP}: {kernel}: not contiguous")
         };
