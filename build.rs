@@ -34,6 +34,26 @@ fn main() {
             Ok(root) => Path::new(&root).join("bin/nvcc"),
             Err(_) => PathBuf::from("nvcc"),
         });
+    // the CUDA release of this nvcc, for the driver check of `--device cuda` (src/cli/cuda.rs)
+    let version = Command::new(&nvcc).arg("--version").output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {} ({e}): the cuda feature needs nvcc; run scripts/setup-cuda-build.sh and eval its exports",
+            nvcc.display()
+        )
+    });
+    let version = String::from_utf8_lossy(&version.stdout);
+    let release = version
+        .split("release ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no \"release X.Y\" in `{} --version`: {version}", nvcc.display()));
+    println!("cargo:rustc-env=CANDOR_CUDA_VERSION={release}");
+    // candle-kernels links `-lcudart` without saying where (cudarc's linking mode used to add the
+    // path; its dlopen mode, which we build, does not): the toolkit's lib/, where
+    // setup-cuda-build.sh points libcudart.so at the static runtime
+    if let Ok(root) = std::env::var("CUDA_ROOT") {
+        println!("cargo:rustc-link-search=native={}", Path::new(&root).join("lib").display());
+    }
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
         .expect("kernels/ directory")
         .map(|e| e.expect("kernels/ entry").path())

@@ -2,8 +2,8 @@
 # Compile-check the `cuda` feature on a machine without a GPU (CI): prepares the pinned CUDA 13.0
 # toolchain (scripts/setup-cuda-build.sh), builds `cargo build --release --features cuda`, assembles
 # our PTX (kernels/*.cu, compiled by build.rs) for the target GPU with ptxas, so PTX the driver would
-# reject fails here instead of on the GPU machine, and checks the binary records the CUDA libraries it
-# will load there.
+# reject fails here instead of on the GPU machine, and checks the binary starts without any CUDA library
+# and, on a machine without a driver, that `--device cuda` says so in one line.
 #
 # usage: scripts/check-cuda-build.sh            (extra arguments go to cargo build)
 # env:   CARGO_TARGET_DIR (default $HOME/.cache/candor/target-cuda: keep it between runs — a cold build
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/candor/target-cuda}
 export CARGO_TERM_COLOR=never
 start=$(date +%s)
-eval "$(scripts/setup-cuda-build.sh "${CANDOR_CUDA_PREFIX:-$HOME/.cache/candor/cuda}" "$PWD")"
+eval "$(scripts/setup-cuda-build.sh "${CANDOR_CUDA_PREFIX:-$HOME/.cache/candor/cuda}")"
 cargo build --release --features cuda "$@"
 
 # the newest build-script output of this crate holds the PTX build.rs wrote
@@ -31,10 +31,35 @@ for cu in kernels/*.cu; do
 done
 
 bin=$CARGO_TARGET_DIR/release/candor
+# cudarc opens the CUDA libraries with dlopen and cudart is static (setup-cuda-build.sh): the binary
+# must not need any of them to start, so it runs on the CPU on a machine without a driver
 needed=$(readelf -d "$bin" | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p' | tr '\n' ' ')
-for lib in libcuda.so.1 libcublas.so.13; do
-  case " $needed " in *" $lib "*) ;; *) echo "check-cuda-build: $bin does not link $lib (NEEDED: $needed)" >&2; exit 1;; esac
-done
+case " $needed " in *" libcu"*|*" libnvrtc"*) echo "check-cuda-build: $bin links CUDA libraries (NEEDED: $needed)" >&2; exit 1;; esac
+"$bin" --version > /dev/null
+
+# `--device cuda` must fail with candor's own one-line error for each thing that can be missing. Fake
+# driver and library files (built here) stand in for a machine's; skipped where a driver is installed.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+  fake=$(mktemp -d); trap 'rm -rf "$fake"' EXIT
+  lib() { mkdir -p "$fake/$1"; echo "$3" > "$fake/$2.c"; cc -shared -fPIC -Wl,-soname,"$2" -o "$fake/$1/$2" "$fake/$2.c"; }
+  driver='int cuDriverGetVersion(int *v) { *v = VERSION; return 0; }'
+  no_gpu='int cuInit(unsigned f) { return 100; } int cuGetErrorString(int e, const char **s) { *s = "no CUDA-capable device is detected"; return 0; }'
+  lib driver-only libcuda.so.1 "${driver/VERSION/13000} $no_gpu"
+  for dir in old-driver no-gpu no-symbol; do for l in libcublasLt.so.13 libcublas.so.13 libcurand.so.10; do lib $dir $l "int unused;"; done; done
+  lib old-driver libcuda.so.1 "${driver/VERSION/12040}"
+  lib no-gpu libcuda.so.1 "${driver/VERSION/13000} $no_gpu"
+  lib no-symbol libcuda.so.1 "${driver/VERSION/13000}"
+  for case in ":libcuda.so.1 not found" "driver-only:libcublasLt.so.13, libcublas.so.13, libcurand.so.10 not found" \
+      "old-driver:supports CUDA 12.4" "no-gpu:CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")); check" "no-symbol:Missing symbol cuInit"; do
+    dir=${case%%:*}; want=${case#*:}
+    set +e; err=$(LD_LIBRARY_PATH=${dir:+$fake/$dir} "$bin" selftest --device cuda 2>&1); rc=$?; set -e
+    if [ $rc -ne 1 ] || [ "$(printf '%s\n' "$err" | wc -l)" -ne 1 ] || [[ $err != *"$want"* ]]; then
+      echo "check-cuda-build: with ${dir:-no driver}, 'candor selftest --device cuda' should exit 1 with one line containing \"$want\"; exit $rc:" >&2
+      printf '%s\n' "$err" >&2; exit 1
+    fi
+    echo "check-cuda-build: ${dir:-no driver}: $err"
+  done
+fi
 mkdir -p dist
 strip -o dist/candor-cuda "$bin"
 gzip -9 -c dist/candor-cuda > dist/candor-cuda.gz

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_generate;
+mod cuda;
 pub mod data;
 pub mod eval;
 pub mod export;
@@ -89,14 +90,7 @@ impl ModelArgs {
 pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
     match s {
         "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" | "gpu" => {
-            if !cfg!(feature = "cuda") {
-                anyhow::bail!("--device cuda: this candor was built without CUDA; rebuild with `cargo build --release --features cuda`");
-            }
-            candle_core::Device::new_cuda(0).map_err(|e| {
-                anyhow::anyhow!("--device cuda: no usable GPU ({e}); check the NVIDIA driver and that libcuda.so.1 and the CUDA 13 libraries are on LD_LIBRARY_PATH")
-            })
-        }
+        "cuda" | "gpu" => cuda::open(),
         other => anyhow::bail!("--device: unknown device \"{other}\" (cpu or cuda)"),
     }
 }
