@@ -17,7 +17,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::cuda::{func, output, view, warp_per_row, FLASH_ATTENTION_PTX};
+use super::cuda::{func, output, u32_arg, view, warp_per_row, FLASH_ATTENTION_PTX};
 use super::cuda_storage;
 
 const OP: &str = "flash attention";
@@ -92,16 +92,23 @@ struct Dims {
 impl Dims {
     fn of(ql: &Layout, kl: &Layout, vl: &Layout) -> Result<Dims> {
         let (b, nh, t, d) = ql.shape().dims4()?;
-        let (_, nkv, tk, _) = kl.shape().dims4()?;
+        let (kb, nkv, tk, kd) = kl.shape().dims4()?;
+        // super::attention checks these for every path; the kernels index out of bounds without them
+        if kb != b || kd != d || vl.shape().dims() != kl.shape().dims() || nkv == 0 || nh % nkv != 0 {
+            candle_core::bail!(
+                "{OP}: q {:?}, k {:?}, v {:?} do not fit (same batch and head size, query heads a multiple of kv heads)",
+                ql.shape(),
+                kl.shape(),
+                vl.shape()
+            );
+        }
         let strides = |l: &Layout, what: &str| -> Result<[u64; 3]> {
             match l.stride() {
                 [s0, s1, s2, 1] => Ok([*s0 as u64, *s1 as u64, *s2 as u64]),
                 _ => candle_core::bail!("{OP}: {what} needs a contiguous last dimension (layout {l:?})"),
             }
         };
-        let small = |x: usize, what: &str| -> Result<u32> {
-            u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("{OP}: {what} {x} is too large")))
-        };
+        let small = |x: usize, what: &str| u32_arg(OP, what, x);
         if b > 65_535 || nh > 65_535 {
             candle_core::bail!(
                 "{OP}: a batch of {b} rows of {nh} heads is more than a grid takes (65535 each)"
@@ -345,7 +352,7 @@ impl Backward {
         let mut delta = output::<f32>(dev, rows)?;
         {
             let f = func(dev, MODULE, FLASH_ATTENTION_PTX, "attn_delta", T::DTYPE)?;
-            let (rows_u, d_u) = (rows as u32, d as u32);
+            let (rows_u, d_u) = (u32_arg(OP, "rows", rows)?, u32_arg(OP, "head dimension", d)?);
             let mut args = stream.launch_builder(&f);
             args.arg(&o).arg(&d_out).arg(&mut delta).arg(&rows_u).arg(&d_u);
             // SAFETY: argument list matches `attn_delta_*` in kernels/flash_attention.cu.

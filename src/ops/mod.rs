@@ -301,6 +301,12 @@ pub(crate) mod cuda {
         Ok(buf)
     }
 
+    /// A size as the kernels' 32-bit `unsigned` argument, or an error naming it (never a truncation).
+    pub fn u32_arg(op: &str, what: &str, x: usize) -> Result<u32> {
+        u32::try_from(x)
+            .map_err(|_| candle_core::Error::Msg(format!("{op}: {what} {x} is too large for the kernel")))
+    }
+
     /// Warp-per-row launch: blocks of 8 warps, one row each.
     pub fn warp_per_row(rows: usize) -> LaunchConfig {
         const WARPS: usize = 8;

@@ -252,7 +252,7 @@ mod gpu {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-    use crate::ops::cuda::{func, output, view, warp_per_row, RMS_NORM_PTX};
+    use crate::ops::cuda::{func, output, u32_arg, view, warp_per_row, RMS_NORM_PTX};
 
     const MODULE: &str = "candor_rms_norm";
     const OP: &str = "rms_norm";
@@ -272,7 +272,7 @@ mod gpu {
         let stream = dev.cuda_stream();
         {
             let mut b = stream.launch_builder(&f);
-            let (rows_u, d_u) = (rows as u32, d as u32);
+            let (rows_u, d_u) = (u32_arg(OP, "rows", rows)?, u32_arg(OP, "width", d)?);
             b.arg(&xv).arg(&wv).arg(&mut y).arg(&rows_u).arg(&d_u).arg(&eps);
             // SAFETY: argument list matches `rms_norm_fwd_*` in kernels/rms_norm.cu.
             unsafe { b.launch(warp_per_row(rows)) }.w()?;
@@ -301,7 +301,7 @@ mod gpu {
         let stream = dev.cuda_stream();
         {
             let mut b = stream.launch_builder(&f);
-            let (rows_u, d_u) = (rows as u32, d as u32);
+            let (rows_u, d_u) = (u32_arg(OP, "rows", rows)?, u32_arg(OP, "width", d)?);
             b.arg(&xv).arg(&wv).arg(&dyv).arg(&mut dx).arg(&rows_u).arg(&d_u).arg(&eps);
             // SAFETY: argument list matches `rms_norm_bwd_*` in kernels/rms_norm.cu.
             unsafe { b.launch(warp_per_row(rows)) }.w()?;

@@ -205,7 +205,7 @@ mod gpu {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, WithDType};
 
-    use crate::ops::cuda::{elementwise, func, output, view, ROTARY_PTX};
+    use crate::ops::cuda::{elementwise, func, output, u32_arg, view, ROTARY_PTX};
     use crate::ops::cuda_storage;
 
     pub fn rotate<T: CudaDType + DeviceRepr + WithDType>(
@@ -223,13 +223,13 @@ mod gpu {
         let cos = view::<f32>(cuda_storage(&cs, "rope")?, cl, "rope", "cos table")?;
         let sin = view::<f32>(cuda_storage(&ss, "rope")?, sl, "rope", "sin table")?;
         let positions = view::<u32>(cuda_storage(&ps, "rope")?, pl, "rope", "positions")?;
-        let table_len = (cl.shape().elem_count() / half.max(1)) as u32;
+        let table_len = u32_arg("rope", "table length", cl.shape().elem_count() / half.max(1))?;
         let mut y = output::<T>(dev, tokens * heads * d)?;
         let f = func(dev, "candor_rotary", ROTARY_PTX, "rope", T::DTYPE)?;
         let stream = dev.cuda_stream();
         {
             let n_pairs = (tokens * heads * half) as u64;
-            let (heads_u, half_u) = (heads as u32, half as u32);
+            let (heads_u, half_u) = (u32_arg("rope", "heads", heads)?, u32_arg("rope", "half width", half)?);
             let sign: f32 = if op.inverse { -1.0 } else { 1.0 };
             let mut b = stream.launch_builder(&f);
             b.arg(&xv).arg(&cos).arg(&sin).arg(&positions).arg(&mut y);
