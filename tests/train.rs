@@ -59,8 +59,12 @@ fn sample_data(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn recipe(dir: &std::path::Path, data: &std::path::Path, name: &str) -> Recipe {
+    Recipe::parse(&recipe_text(dir, data, name), &[]).unwrap()
+}
+
+fn recipe_text(dir: &std::path::Path, data: &std::path::Path, name: &str) -> String {
     let model = format!("{}/models/SmolLM2-135M-Instruct.Q4_1.gguf", env!("CARGO_MANIFEST_DIR"));
-    let text = format!(
+    format!(
         r#"name = "{name}"
 output_dir = "{out}"
 seed = 3
@@ -86,8 +90,7 @@ keep_last = 0
 "#,
         out = dir.display(),
         data = data.display()
-    );
-    Recipe::parse(&text, &[]).unwrap()
+    )
 }
 
 fn opts(resume: bool, stop_now: bool) -> TrainOptions {
@@ -166,4 +169,42 @@ fn resume_is_bit_exact_and_checkpoints_are_guarded() {
     let err = train(&split, &opts(true, false)).unwrap_err().to_string();
     assert!(err.contains("adapter_model.safetensors") && err.contains("checksum"), "{err}");
     assert_eq!(std::fs::read(&adapter).unwrap(), bytes);
+}
+
+/// `train --resume` of a finished run exports the merged model when the earlier call's export never
+/// completed (here: merged/ deleted, as a crash before the staged export is renamed into place leaves it),
+/// and leaves a complete one alone.
+#[test]
+fn resuming_a_finished_run_completes_a_missing_export_only() {
+    let dir = scratch("train-resume-export");
+    let data = sample_data(&dir);
+    let recipe = dir.join("recipe.toml");
+    let text = recipe_text(&dir, &data, "run").replace("max_steps = 3", "max_steps = 1")
+        + "[export]\nat_end = true\ndtype = \"bf16\"\nverify = false\n";
+    std::fs::write(&recipe, text).unwrap();
+    let merged = dir.join("run").join("merged");
+    let train = |resume: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_candor"));
+        cmd.args(["train", recipe.to_str().unwrap(), "-q"]);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "candor train failed:\n{stderr}");
+        stderr
+    };
+    let config = merged.join("config.json");
+
+    train(false);
+    assert!(config.exists(), "the first call exports");
+    std::fs::remove_dir_all(&merged).unwrap();
+    let log = train(true);
+    assert!(log.contains("done: 1 steps"), "{log}");
+    assert!(config.exists(), "a resumed finished run whose merged/ is missing exports it:\n{log}");
+    let written = std::fs::metadata(&config).unwrap().modified().unwrap();
+    let log = train(true);
+    assert!(log.contains("nothing trained since"), "{log}");
+    assert_eq!(std::fs::metadata(&config).unwrap().modified().unwrap(), written, "a complete export is kept");
+    let _ = std::fs::remove_dir_all(&dir);
 }

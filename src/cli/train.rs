@@ -52,19 +52,26 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if summary.interrupted {
         std::process::exit(INTERRUPTED_EXIT);
     }
-    if let (true, Some(ckpt)) = (recipe.export.at_end, &summary.last_checkpoint) {
-        super::release_freed_memory();
-        // a merged model from an earlier run is replaced only once this one is written and verified
-        let out = recipe.run_dir().join("merged");
-        super::export::run(super::export::ExportArgs {
-            checkpoint: ckpt.clone(),
-            out: out.clone(),
-            overwrite: true,
-            dtype: recipe.export.dtype.clone(),
-            adapter_only: false,
-            verify: recipe.export.verify,
-        })?;
-        eprintln!("  merged model: {}", out.display());
+    let out = recipe.run_dir().join("merged");
+    let Some(ckpt) = summary.last_checkpoint.as_ref().filter(|_| recipe.export.at_end) else {
+        return Ok(());
+    };
+    if summary.steps_this_run == 0 && out.exists() {
+        // a resumed run that had finished: merged/ only ever appears complete (staged, then renamed)
+        eprintln!("  merged model: {} (from an earlier call; nothing trained since)", out.display());
+        return Ok(());
     }
+    // exported when this call trained, or when a finished run's export never completed; a merged
+    // model from an earlier run is replaced only once this one is written and verified
+    super::release_freed_memory();
+    super::export::run(super::export::ExportArgs {
+        checkpoint: ckpt.clone(),
+        out: out.clone(),
+        overwrite: true,
+        dtype: recipe.export.dtype.clone(),
+        adapter_only: false,
+        verify: recipe.export.verify,
+    })?;
+    eprintln!("  merged model: {}", out.display());
     Ok(())
 }

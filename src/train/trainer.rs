@@ -44,10 +44,14 @@ pub struct StepMetrics {
 
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
+    /// The run's step count at the end (those of earlier, resumed calls included).
     pub steps: u64,
+    /// Steps trained by this call (0 when a resumed run had already finished).
+    pub steps_this_run: u64,
     pub final_loss: Option<f64>,
     pub wall_s: f64,
     pub tokens_per_s: f64,
+    /// The run's newest checkpoint: written by this call, or the one it resumed from.
     pub last_checkpoint: Option<PathBuf>,
     pub interrupted: bool,
 }
@@ -192,6 +196,8 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
         tokens_seen: 0,
         elapsed_s: 0.0,
     };
+    // the run's newest checkpoint: the one resumed from, until this call writes one
+    let mut last_checkpoint = None;
     if opts.resume {
         match checkpoint::list(&run_dir).first() {
             None => say(format!("resume: no checkpoint in {}, starting fresh", run_dir.display())),
@@ -200,6 +206,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
                 checkpoint::check_compatible(&checkpoint::saved_recipe(dir)?, recipe, dir)?;
                 state = checkpoint::load(dir, model, &mut opt)?;
                 state.total_steps = total_steps;
+                last_checkpoint = Some(dir.clone());
                 say(format!(
                     "resumed from {} (step {}, epoch {}, batch {})",
                     dir.display(),
@@ -265,7 +272,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
     let start = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut last_loss = None;
-    let mut last_checkpoint = None;
+    let steps_before = state.step;
     let mut tokens_this_run = 0usize;
     let mut interrupted = false;
     while state.step < total_steps {
@@ -358,6 +365,7 @@ pub fn train(recipe: &Recipe, opts: &TrainOptions) -> Result<TrainSummary> {
     let wall_s = start.elapsed().as_secs_f64();
     Ok(TrainSummary {
         steps: state.step,
+        steps_this_run: state.step - steps_before,
         final_loss: last_loss,
         wall_s,
         tokens_per_s: tokens_this_run as f64 / wall_s.max(1e-9),
