@@ -35,12 +35,7 @@ fn main() {
             Err(_) => PathBuf::from("nvcc"),
         });
     // the CUDA release of this nvcc, for the driver check of `--device cuda` (src/cli/cuda.rs)
-    let version = Command::new(&nvcc).arg("--version").output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {} ({e}): the cuda feature needs nvcc; run scripts/setup-cuda-build.sh and eval its exports",
-            nvcc.display()
-        )
-    });
+    let version = Command::new(&nvcc).arg("--version").output().unwrap_or_else(|e| no_nvcc(&nvcc, e));
     let version = String::from_utf8_lossy(&version.stdout);
     let release = version
         .split("release ")
@@ -75,14 +70,16 @@ fn main() {
         if let Ok(ccbin) = std::env::var("NVCC_CCBIN") {
             cmd.arg("-ccbin").arg(ccbin);
         }
-        let status = cmd.status().unwrap_or_else(|e| {
-            panic!(
-                "cannot run {} ({e}): the cuda feature needs nvcc; run scripts/setup-cuda-build.sh and eval its exports",
-                nvcc.display()
-            )
-        });
+        let status = cmd.status().unwrap_or_else(|e| no_nvcc(&nvcc, e));
         if !status.success() {
             panic!("nvcc failed on {} ({status})", src.display());
         }
     }
+}
+
+fn no_nvcc(nvcc: &Path, e: std::io::Error) -> ! {
+    panic!(
+        "cannot run {} ({e}): the cuda feature needs nvcc; run scripts/setup-cuda-build.sh and eval its exports",
+        nvcc.display()
+    )
 }
