@@ -117,6 +117,22 @@ fn cuda_device_in_cpu_build() {
 }
 
 #[test]
+fn blas_library_that_does_not_open() {
+    let model = fixtures().join("tiny-llama");
+    assert_one_line_error(
+        &["info", model.to_str().unwrap()],
+        &[("CANDOR_BLAS", "/no/such/libopenblas.so")],
+        &["CANDOR_BLAS=/no/such/libopenblas.so", "No such file", "`off`"],
+    );
+    // a library without cblas_sgemm is refused too
+    assert_one_line_error(
+        &["info", model.to_str().unwrap()],
+        &[("CANDOR_BLAS", "libc.so.6")],
+        &["CANDOR_BLAS=libc.so.6", "has no cblas_sgemm"],
+    );
+}
+
+#[test]
 fn hub_id_offline_and_not_cached() {
     let home = scratch("hf-empty");
     assert_one_line_error(

@@ -136,6 +136,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.seq_len,
         if adamw { " + AdamW update" } else { "" }
     );
+    let blas = crate::ops::openblas::check().map_err(anyhow::Error::msg)?;
+    if model.device().is_cpu() {
+        println!("cpu matrix products: {blas}");
+    }
     let device = model.device().clone();
     let mut optimizer =
         if adamw { Some(AdamW::new(model.lora_vars(), AdamWConfig::default())?) } else { None };
@@ -207,6 +211,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "tokens_per_s": tokens_per_s,
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_device_memory_used_bytes": peak_device_bytes,
+            "cpu_matrix_products": blas,
         });
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
             .map_err(|e| anyhow::anyhow!("bench: cannot write {path}: {e}"))?;

@@ -39,6 +39,9 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         if c.tie_word_embeddings { "tied" } else { "untied" }
     );
     println!("parameters     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    if loaded.model.device().is_cpu() {
+        println!("cpu matmul     {}", crate::ops::openblas::check().map_err(anyhow::Error::msg)?);
+    }
     println!(
         "dtype          {:?} on {:?} (saved as {})",
         loaded.model.dtype(),

@@ -4,6 +4,9 @@
 //! contiguous operands. The fused ops need more: accumulate into an existing buffer (`dst += β·A·B`,
 //! so a LoRA update lands in the frozen output without a temporary), and read heads straight out of
 //! `[batch, seq, heads, dim]` storage by their strides (no transpose copies).
+//!
+//! Large products on all threads go to OpenBLAS where the system has it (`openblas`); the rest, and
+//! everything where it is absent or `CANDOR_BLAS=off`, to the `gemm` crate.
 
 /// A `rows × cols` matrix inside a slice: element `(i, j)` is `data[offset + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -124,6 +127,14 @@ impl Product<'_> {
         }
         self.lhs.check("lhs");
         self.rhs.check("rhs");
+        if self.threads == Threads::All && m.min(n).min(k) >= super::openblas::MIN_DIM {
+            if let Ok(Some(blas)) = super::openblas::get() {
+                // SAFETY: as for gemm below.
+                if unsafe { blas.product(&self.lhs, &self.rhs, self.beta, dst, offset, rs, accumulate) } {
+                    return;
+                }
+            }
+        }
         let parallelism = match self.threads {
             Threads::All => gemm::Parallelism::Rayon(0),
             Threads::One => gemm::Parallelism::None,
@@ -203,6 +214,66 @@ mod tests {
                 assert!((dst[i * 4 + j] - want[(i + 1) * n + j]).abs() < 1e-5);
             }
         }
+    }
+
+    /// OpenBLAS must be there (CI installs it) unless the run opted out with `CANDOR_BLAS=off`.
+    fn blas() -> Option<&'static super::super::openblas::Blas> {
+        match super::super::openblas::get() {
+            Ok(Some(b)) => Some(b),
+            Ok(None) if std::env::var("CANDOR_BLAS").as_deref() == Ok("off") => None,
+            Ok(None) => {
+                panic!("no libopenblas.so.0: install it (Debian: libopenblas0) or set CANDOR_BLAS=off")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn openblas_products_match_gemm_and_a_naive_loop_in_every_layout() {
+        let Some(blas) = blas() else { return };
+        let data: Vec<f32> = (0..60_000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let (m, k, n) = (67, 70, 65);
+        // lhs as stored (rows 75 apart) or as a transpose; rhs likewise
+        let lhs = [View::strided(&data, 5, m, k, 75), View::strided(&data, 9, k, m, 71).t()];
+        let rhs = [View::strided(&data, 20_001, k, n, 66), View::strided(&data, 30_003, n, k, 80).t()];
+        for (a, b) in lhs.iter().flat_map(|a| rhs.iter().map(move |b| (*a, *b))) {
+            let want = naive(&a, &b);
+            for accumulate in [false, true] {
+                let run = |use_blas: bool| {
+                    let mut dst = vec![1f32; 3 + m * 70];
+                    let p = product(a, b).scaled(0.5);
+                    if use_blas {
+                        // SAFETY: the views and the destination block are inside their slices.
+                        assert!(unsafe { blas.product(&a, &b, 0.5, &mut dst, 3, 70, accumulate) });
+                    } else if accumulate {
+                        p.one_thread().add_to(&mut dst, 3, 70);
+                    } else {
+                        p.one_thread().write(&mut dst, 3, 70);
+                    }
+                    dst
+                };
+                let (got, reference) = (run(true), run(false));
+                for i in 0..m {
+                    for j in 0..n {
+                        let expect = 0.5 * want[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                        let (g, r) = (got[3 + i * 70 + j], reference[3 + i * 70 + j]);
+                        assert!(
+                            (g - expect).abs() < 1e-4 && (r - expect).abs() < 1e-4,
+                            "{i},{j}: {g} {r} {expect}"
+                        );
+                    }
+                    assert!(got[3 + i * 70 + n..][..5].iter().all(|&v| v == 1.0), "row padding written");
+                }
+                assert_eq!(got[..3], [1.0; 3]);
+            }
+        }
+        // a layout CBLAS cannot take (neither stride 1) is declined, leaving the work to gemm
+        let odd = View { data: &data, offset: 0, rows: 64, cols: 64, rs: 130, cs: 2 };
+        let mut dst = vec![7f32; 64 * 64];
+        assert!(!unsafe { blas.product(&odd, &odd, 1.0, &mut dst, 0, 64, false) });
+        assert!(dst.iter().all(|&v| v == 7.0));
+        product(odd, odd).write(&mut dst, 0, 64);
+        assert!((dst[64 * 5 + 7] - naive(&odd, &odd)[64 * 5 + 7]).abs() < 1e-3);
     }
 
     #[test]

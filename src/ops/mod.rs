@@ -49,6 +49,7 @@ pub mod flash_attention;
 pub mod frozen_linear;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
+pub mod openblas;
 pub mod rms_norm;
 pub mod rotary;
 mod simd;

@@ -1,0 +1,169 @@
+//! OpenBLAS's `cblas_sgemm`, opened at run time, for the CPU products large enough to gain from it.
+//!
+//! On our 2-core AVX-512 Xeons OpenBLAS 0.3 ran the decoder's products at 1.1-1.7× the GFLOP/s of the
+//! `gemm` crate (1024×2048×8192: 114-132 against 75-89; the 128k-vocabulary head 119 against 74-77),
+//! and slower only on the thin rank-r LoRA products (1024×576×16: 0.75×), which stay on `gemm`.
+//! It is opened with `dlopen`, never linked: the binary runs where OpenBLAS is absent, on `gemm`.
+//!
+//! `CANDOR_BLAS` chooses: unset or `auto` opens `libopenblas.so.0` if the system has it (Debian:
+//! `libopenblas0`); `off` keeps every product on `gemm`; anything else is a library name or path that
+//! must open (an error otherwise, reported once by [`check`]).
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+use super::cpu_gemm::View;
+
+/// Products with a side shorter than this stay on `gemm` (the rank-r LoRA products, small heads).
+pub(crate) const MIN_DIM: usize = 64;
+
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+pub(crate) struct Blas {
+    sgemm: Sgemm,
+    /// What was opened and how it was built (`openblas_get_config`), for `candor info` and logs.
+    pub description: String,
+}
+
+/// The library chosen by `CANDOR_BLAS`, opened on first use: `Ok(None)` means `gemm` does every product.
+pub(crate) fn get() -> &'static Result<Option<Blas>, String> {
+    static BLAS: OnceLock<Result<Option<Blas>, String>> = OnceLock::new();
+    BLAS.get_or_init(|| {
+        let choice = std::env::var("CANDOR_BLAS").unwrap_or_default();
+        match choice.as_str() {
+            "off" => Ok(None),
+            "" | "auto" => Ok(open("libopenblas.so.0").ok()),
+            name => open(name).map(Some).map_err(|e| {
+                format!("CANDOR_BLAS={name}: {e} (unset it or set it to `off` to use the built-in gemm)")
+            }),
+        }
+    })
+}
+
+/// One line for logs: which library multiplies matrices on the CPU, or the `CANDOR_BLAS` error.
+pub fn check() -> Result<String, String> {
+    match get() {
+        Ok(Some(b)) => Ok(b.description.clone()),
+        Ok(None) => Ok("gemm crate (no OpenBLAS; CANDOR_BLAS unset, `auto` or `off`)".into()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+fn open(name: &str) -> Result<Blas, String> {
+    let c_name = CString::new(name).map_err(|_| "a NUL byte in the library name".to_string())?;
+    // SAFETY: dlopen/dlsym with valid C strings; the handle is never closed, so the symbols stay valid
+    // for the life of the process.
+    unsafe {
+        let handle = libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            let why = libc::dlerror();
+            return Err(if why.is_null() {
+                format!("cannot open {name}")
+            } else {
+                CStr::from_ptr(why).to_string_lossy().into_owned()
+            });
+        }
+        let symbol = |s: &CStr| -> *mut c_void { libc::dlsym(handle, s.as_ptr()) };
+        let sgemm = symbol(c"cblas_sgemm");
+        if sgemm.is_null() {
+            return Err(format!("{name} has no cblas_sgemm"));
+        }
+        // OpenBLAS runs its own threads: as many as rayon's (which `RAYON_NUM_THREADS` sets), not the
+        // core count, so both sides of the program agree on how many cores they may use.
+        let threads = rayon::current_num_threads();
+        let set_threads = symbol(c"openblas_set_num_threads");
+        if !set_threads.is_null() {
+            let set_threads: unsafe extern "C" fn(c_int) = std::mem::transmute(set_threads);
+            set_threads(threads.min(c_int::MAX as usize) as c_int);
+        }
+        let config = symbol(c"openblas_get_config");
+        let config = if config.is_null() {
+            String::new()
+        } else {
+            let config: unsafe extern "C" fn() -> *const c_char = std::mem::transmute(config);
+            format!(" ({})", CStr::from_ptr(config()).to_string_lossy().trim())
+        };
+        Ok(Blas {
+            sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sgemm),
+            description: format!("{name}{config}, {threads} threads"),
+        })
+    }
+}
+
+/// How CBLAS reads a row-major view: as stored (`NoTrans`, rows `rs` apart) or as the transpose of a
+/// stored matrix (`Trans`, columns `cs` apart). `None` when neither stride is 1 or a size overflows
+/// `int`.
+fn operand(v: &View) -> Option<(c_int, c_int)> {
+    let ld = |stride: usize, width: usize| (stride >= width).then(|| c_int::try_from(stride).ok()).flatten();
+    if v.cs == 1 {
+        ld(v.rs, v.cols).map(|lda| (NO_TRANS, lda))
+    } else if v.rs == 1 {
+        ld(v.cs, v.rows).map(|lda| (TRANS, lda))
+    } else {
+        None
+    }
+}
+
+impl Blas {
+    /// `dst[offset..] (rows rs apart) = beta·lhs·rhs (+ dst if accumulate)`; false (nothing written) when
+    /// the layout is not one CBLAS takes. The caller has bounds-checked every view.
+    ///
+    /// # Safety
+    /// `lhs`, `rhs` and the `m × n` block of `dst` from `offset` with row stride `rs` are in bounds, and
+    /// `dst` does not overlap `lhs` or `rhs`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn product(
+        &self,
+        lhs: &View,
+        rhs: &View,
+        beta: f32,
+        dst: &mut [f32],
+        offset: usize,
+        rs: usize,
+        accumulate: bool,
+    ) -> bool {
+        let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+        let dims = (c_int::try_from(m), c_int::try_from(n), c_int::try_from(k), c_int::try_from(rs));
+        let (Ok(m), Ok(n), Ok(k), Ok(ldc)) = dims else { return false };
+        let (Some((ta, lda)), Some((tb, ldb))) = (operand(lhs), operand(rhs)) else { return false };
+        if ldc < n {
+            return false;
+        }
+        (self.sgemm)(
+            ROW_MAJOR,
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            beta,
+            lhs.data.as_ptr().add(lhs.offset),
+            lda,
+            rhs.data.as_ptr().add(rhs.offset),
+            ldb,
+            if accumulate { 1.0 } else { 0.0 },
+            dst.as_mut_ptr().add(offset),
+            ldc,
+        );
+        true
+    }
+}
