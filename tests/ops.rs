@@ -388,8 +388,14 @@ fn rms_norm_and_swiglu_gradients_match_finite_differences() {
 #[test]
 fn frozen_linear_matches_matmul_and_gives_the_weight_nothing() {
     let mut rng = Inputs::new();
-    for (dims, out, bias) in [(vec![1, 5], 3, false), (vec![2, 7, 9], 11, true), (vec![3, 1, 2, 17], 1, true)]
-    {
+    // the last shape is large enough (every side >= 64) for OpenBLAS where the system has it
+    let shapes = [
+        (vec![1, 5], 3, false),
+        (vec![2, 7, 9], 11, true),
+        (vec![3, 1, 2, 17], 1, true),
+        (vec![2, 40, 96], 72, true),
+    ];
+    for (dims, out, bias) in shapes {
         let inp = *dims.last().unwrap();
         let x = rng.var(&dims, 1.0);
         // even as a variable, the weight gets no gradient from frozen_linear
@@ -421,6 +427,12 @@ fn frozen_linear_matches_matmul_and_gives_the_weight_nothing() {
     let y = ops::frozen_linear(&xt.as_tensor().t().unwrap(), &w, None).unwrap();
     let y_ref = xt.as_tensor().t().unwrap().matmul(&w.t().unwrap()).unwrap();
     assert_close("frozen_linear transposed input", rng.seed, &y, &y_ref, 1e-5);
+    // rows from the middle of a larger tensor (a storage offset)
+    let big = rng.tensor(&[100, 70], 1.0);
+    let w = rng.tensor(&[66, 70], 1.0);
+    let x = big.narrow(0, 30, 65).unwrap();
+    let y = ops::frozen_linear(&x, &w, None).unwrap();
+    assert_close("frozen_linear offset input", rng.seed, &y, &x.matmul(&w.t().unwrap()).unwrap(), 1e-5);
     assert!(ops::frozen_linear(&xt.as_tensor().t().unwrap(), &rng.tensor(&[5, 7], 1.0), None).is_err());
 }
 

@@ -4,10 +4,15 @@
 //! gradient store until the step ends. For frozen base weights that is wasted FLOPs and memory (for
 //! a 1B model, a second copy of the model per step). This op records only `x` in the graph.
 //!
-//! Forward runs on any backend through `BackendStorage::matmul`, so the CPU and CUDA builds share it.
+//! Forward runs on any backend through `BackendStorage::matmul`, so the CPU and CUDA builds share it;
+//! f32 on the CPU goes through [`cpu_gemm`](super::cpu_gemm) instead, in both directions, so large
+//! products reach OpenBLAS where the system has it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::cpu_gemm::{product, View};
+use super::{cpu_f32, f32_slice};
 
 struct FrozenLinear {
     weight: Tensor,
@@ -33,6 +38,22 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         weight: weight.contiguous()?,
         bias: bias.map(|b| b.contiguous()).transpose()?,
     })
+}
+
+const OP: &str = "frozen_linear";
+
+/// `x·Wᵀ (+ bias)` in f32 on the CPU: `x [rows, in]`, `W [out, in]`, a new `[rows, out]` buffer.
+pub(crate) fn cpu_linear(x: View, w: View, bias: Option<&[f32]>) -> Vec<f32> {
+    let (rows, out_f) = (x.rows, w.rows);
+    match bias {
+        Some(bias) => {
+            let mut y = super::cpu_output::<f32>(rows * out_f);
+            y.chunks_exact_mut(out_f).for_each(|row| row.copy_from_slice(bias));
+            product(x, w.t()).add_to(&mut y, 0, out_f);
+            y
+        }
+        None => product(x, w.t()).to_vec(),
+    }
 }
 
 fn out_shape(x_layout: &Layout, out_features: usize) -> Shape {
@@ -71,6 +92,19 @@ impl CustomOp1 for FrozenLinear {
         let candle_core::Storage::Cpu(w) = &*w else {
             candle_core::bail!("frozen_linear: weight not on cpu")
         };
+        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w) {
+            let (out_f, in_f) = w_layout.shape().dims2()?;
+            let x = f32_slice(x, x_layout, OP, "x")?;
+            let w = View::matrix(f32_slice(w, w_layout, OP, "weight")?, out_f, in_f);
+            let y = match &self.bias {
+                None => cpu_linear(View::matrix(x, x.len() / in_f, in_f), w, None),
+                Some(b) => {
+                    let (bs, bl) = b.storage_and_layout();
+                    cpu_linear(View::matrix(x, x.len() / in_f, in_f), w, Some(cpu_f32(&bs, bl, OP, "bias")?))
+                }
+            };
+            return Ok((CpuStorage::F32(y), out_shape(x_layout, out_f)));
+        }
         match &self.bias {
             None => forward_storage(x, x_layout, w, w_layout, None),
             Some(b) => {
@@ -111,7 +145,18 @@ impl CustomOp1 for FrozenLinear {
         let in_features = self.weight.dim(1)?;
         let mut dims = grad_y.dims().to_vec();
         let rows = grad_y.elem_count() / out_features;
-        let dx = grad_y.reshape((rows, out_features))?.matmul(&self.weight)?;
+        let dy = grad_y.reshape((rows, out_features))?;
+        let dx = match (dy.device(), dy.dtype(), self.weight.dtype()) {
+            (candle_core::Device::Cpu, candle_core::DType::F32, candle_core::DType::F32) => {
+                let dy = dy.contiguous()?;
+                let (dys, dyl) = dy.storage_and_layout();
+                let (ws, wl) = self.weight.storage_and_layout();
+                let dy = View::matrix(cpu_f32(&dys, dyl, OP, "dy")?, rows, out_features);
+                let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_features, in_features);
+                Tensor::from_vec(product(dy, w).to_vec(), (rows, in_features), grad_y.device())?
+            }
+            _ => dy.matmul(&self.weight)?,
+        };
         *dims.last_mut().unwrap() = in_features;
         Ok(Some(dx.reshape(dims)?))
     }

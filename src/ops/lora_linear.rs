@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
+use super::frozen_linear::cpu_linear;
 use super::{cpu_f32, cpu_storage, f32_slice};
 
 /// Whether [`LoraWeights::forward`] runs the CPU path for these operands (CPU, all f32).
@@ -182,13 +183,9 @@ impl CustomOp3 for LoraLinear {
         let mut y = match &self.bias {
             Some(bias) => {
                 let (bs, bl) = bias.storage_and_layout();
-                let bias = cpu_f32(&bs, bl, OP, "bias")?;
-                let mut y = super::cpu_output::<f32>(rows * out_f);
-                y.chunks_exact_mut(out_f).for_each(|row| row.copy_from_slice(bias));
-                product(x, w.t()).add_to(&mut y, 0, out_f);
-                y
+                cpu_linear(x, w, Some(cpu_f32(&bs, bl, OP, "bias")?))
             }
-            None => product(x, w.t()).to_vec(),
+            None => cpu_linear(x, w, None),
         };
         let xd = self.dropped(x.data);
         let t = rank_product(View::matrix(&xd, rows, in_f), View::matrix(a, r, in_f));
