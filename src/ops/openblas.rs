@@ -63,7 +63,10 @@ pub(crate) fn get() -> &'static Result<Option<Blas>, String> {
 pub fn check() -> Result<String, String> {
     match get() {
         Ok(Some(b)) => Ok(b.description.clone()),
-        Ok(None) => Ok("gemm crate (no OpenBLAS; CANDOR_BLAS unset, `auto` or `off`)".into()),
+        Ok(None) if std::env::var("CANDOR_BLAS").as_deref() == Ok("off") => {
+            Ok("gemm crate (CANDOR_BLAS=off)".into())
+        }
+        Ok(None) => Ok("gemm crate (no libopenblas.so.0 here; Debian: apt install libopenblas0)".into()),
         Err(e) => Err(e.clone()),
     }
 }
