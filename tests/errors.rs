@@ -130,6 +130,12 @@ fn blas_library_that_does_not_open() {
         &[("CANDOR_BLAS", "libc.so.6")],
         &["CANDOR_BLAS=libc.so.6", "has no cblas_sgemm"],
     );
+    // checked at start-up, also by commands that multiply nothing
+    assert_one_line_error(
+        &["judge", "answers.jsonl"],
+        &[("CANDOR_BLAS", "/no/such/libopenblas.so")],
+        &["CANDOR_BLAS=/no/such/libopenblas.so"],
+    );
 }
 
 #[test]

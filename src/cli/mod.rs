@@ -53,7 +53,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // a CANDOR_BLAS that names a library that does not open fails here, before any work
-    crate::ops::openblas::check().map_err(anyhow::Error::msg)?;
+    crate::ops::openblas::check_choice().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Export(a) => export::run(a),

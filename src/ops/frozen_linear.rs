@@ -95,15 +95,11 @@ impl CustomOp1 for FrozenLinear {
         if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w) {
             let (out_f, in_f) = w_layout.shape().dims2()?;
             let x = f32_slice(x, x_layout, OP, "x")?;
+            let x = View::matrix(x, x.len() / in_f, in_f);
             let w = View::matrix(f32_slice(w, w_layout, OP, "weight")?, out_f, in_f);
-            let y = match &self.bias {
-                None => cpu_linear(View::matrix(x, x.len() / in_f, in_f), w, None),
-                Some(b) => {
-                    let (bs, bl) = b.storage_and_layout();
-                    cpu_linear(View::matrix(x, x.len() / in_f, in_f), w, Some(cpu_f32(&bs, bl, OP, "bias")?))
-                }
-            };
-            return Ok((CpuStorage::F32(y), out_shape(x_layout, out_f)));
+            let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+            let bias = bias.as_ref().map(|(bs, bl)| cpu_f32(bs, bl, OP, "bias")).transpose()?;
+            return Ok((CpuStorage::F32(cpu_linear(x, w, bias)), out_shape(x_layout, out_f)));
         }
         match &self.bias {
             None => forward_storage(x, x_layout, w, w_layout, None),

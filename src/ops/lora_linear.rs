@@ -180,13 +180,9 @@ impl CustomOp3 for LoraLinear {
         let (ws, wl) = self.weight.storage_and_layout();
         let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
         // y = x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
-        let mut y = match &self.bias {
-            Some(bias) => {
-                let (bs, bl) = bias.storage_and_layout();
-                cpu_linear(x, w, Some(cpu_f32(&bs, bl, OP, "bias")?))
-            }
-            None => cpu_linear(x, w, None),
-        };
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = bias.as_ref().map(|(bs, bl)| cpu_f32(bs, bl, OP, "bias")).transpose()?;
+        let mut y = cpu_linear(x, w, bias);
         let xd = self.dropped(x.data);
         let t = rank_product(View::matrix(&xd, rows, in_f), View::matrix(a, r, in_f));
         product(View::matrix(&t, rows, r), View::matrix(b, out_f, r).t())

@@ -7,7 +7,7 @@
 //!
 //! `CANDOR_BLAS` chooses: unset or `auto` opens `libopenblas.so.0` if the system has it (Debian:
 //! `libopenblas0`); `off` keeps every product on `gemm`; anything else is a library name or path that
-//! must open (an error otherwise, reported once by [`check`]).
+//! must open (an error otherwise, reported at start-up by [`check_choice`]).
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
@@ -57,6 +57,15 @@ pub(crate) fn get() -> &'static Result<Option<Blas>, String> {
             }),
         }
     })
+}
+
+/// Opens the library now when `CANDOR_BLAS` names one, so a wrong name fails before any work; with
+/// `auto` it opens on the first large product, and commands that multiply nothing never load it.
+pub fn check_choice() -> Result<(), String> {
+    match std::env::var("CANDOR_BLAS").as_deref() {
+        Err(_) | Ok("" | "auto" | "off") => Ok(()),
+        Ok(_) => check().map(drop),
+    }
 }
 
 /// One line for logs: which library multiplies matrices on the CPU, or the `CANDOR_BLAS` error.
