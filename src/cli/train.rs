@@ -28,7 +28,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let recipe = Recipe::load(&args.recipe, &args.set)?;
     eprintln!("── resolved recipe ──\n{}────", recipe.to_toml());
     if recipe.model.device == "cpu" {
-        eprintln!("cpu matrix products: {}", crate::ops::openblas::check().map_err(anyhow::Error::msg)?);
+        eprintln!("cpu matrix products: {}", crate::ops::openblas::describe());
     }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

@@ -64,19 +64,20 @@ pub(crate) fn get() -> &'static Result<Option<Blas>, String> {
 pub fn check_choice() -> Result<(), String> {
     match std::env::var("CANDOR_BLAS").as_deref() {
         Err(_) | Ok("" | "auto" | "off") => Ok(()),
-        Ok(_) => check().map(drop),
+        Ok(_) => get().as_ref().map(drop).map_err(Clone::clone),
     }
 }
 
-/// One line for logs: which library multiplies matrices on the CPU, or the `CANDOR_BLAS` error.
-pub fn check() -> Result<String, String> {
+/// One line for logs: which library multiplies matrices on the CPU (opening it if not yet open).
+pub fn describe() -> String {
     match get() {
-        Ok(Some(b)) => Ok(b.description.clone()),
+        Ok(Some(b)) => b.description.clone(),
         Ok(None) if std::env::var("CANDOR_BLAS").as_deref() == Ok("off") => {
-            Ok("gemm crate (CANDOR_BLAS=off)".into())
+            "gemm crate (CANDOR_BLAS=off)".into()
         }
-        Ok(None) => Ok("gemm crate (no libopenblas.so.0 here; Debian: apt install libopenblas0)".into()),
-        Err(e) => Err(e.clone()),
+        Ok(None) => "gemm crate (no libopenblas.so.0 here; Debian: apt install libopenblas0)".into(),
+        // check_choice has already stopped the program with this error
+        Err(e) => e.clone(),
     }
 }
 
