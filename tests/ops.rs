@@ -518,6 +518,7 @@ fn lora_linear_matches_the_composed_layer() {
         (vec![2, 7, 9], 11, 4, true, false),
         (vec![3, 13, 17], 6, 3, false, true),
         (vec![1, 33, 40], 24, 16, true, true),
+        (vec![2, 19, 40], 23, 16, false, false),
     ] {
         let inp = *dims.last().unwrap();
         let x = rng.var(&dims, 1.0);
@@ -574,6 +575,41 @@ fn lora_linear_matches_the_composed_layer() {
                 },
             );
         }
+        // the half-precision path (what CUDA runs for bf16/f16 without dropout), its products through the
+        // CPU emulation of cuBLAS's GemmEx
+        if mask.is_none() && out >= 6 {
+            for dtype in [DType::BF16, DType::F16] {
+                let w_low = w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                let bias_low = bias.map(|b| b.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
+                check(
+                    &format!("{what} half"),
+                    &mut rng,
+                    &inputs,
+                    dtype,
+                    &plain,
+                    |t| {
+                        let (w, bias) = (
+                            w_low.to_dtype(dtype)?,
+                            bias_low.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
+                        );
+                        let (a, b) = (t[1].to_dtype(DType::F32)?, t[2].to_dtype(DType::F32)?);
+                        let weights =
+                            LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
+                        weights.forward_half(&t[0], None)
+                    },
+                    |t| {
+                        let weights = LoraWeights {
+                            weight: &w_low,
+                            bias: bias_low.as_ref(),
+                            a: &t[1],
+                            b: &t[2],
+                            scale: 1.5,
+                        };
+                        weights.reference(&t[0], None)
+                    },
+                );
+            }
+        }
     }
     // an input that needs no gradient (layer 0 reads the frozen embeddings) still trains A and B
     let x = rng.tensor(&[4, 6], 1.0);
@@ -593,6 +629,59 @@ fn lora_linear_matches_the_composed_layer() {
     for v in [&a, &b] {
         assert_close("lora_linear second backward", rng.seed, g2.get(v).unwrap(), g.get(v).unwrap(), 1e-6);
     }
+    // the same on the half-precision path, in bf16: A and B get f32 gradients, x none
+    let x16 = x.to_dtype(DType::BF16).unwrap();
+    let w16 = w.to_dtype(DType::BF16).unwrap();
+    let half = LoraWeights { weight: &w16, ..weights };
+    let g = half
+        .forward_half(&x16, None)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in [&a, &b] {
+        let got = g.get(v).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        assert_close("lora_linear half frozen input", rng.seed, got, g_ref.get(v).unwrap(), 2e-2);
+    }
+    // an input that starts inside its storage (a contiguous view at an offset) reads from there, in the
+    // forward and in both backward ops
+    let big = Var::from_tensor(&rng.tensor(&[7, 6], 1.0).to_dtype(DType::BF16).unwrap()).unwrap();
+    let view = big.as_tensor().narrow(0, 3, 4).unwrap();
+    let copy = Var::from_tensor(&view.copy().unwrap()).unwrap();
+    let run = |x: &Tensor| {
+        let y = half.forward_half(x, None).unwrap();
+        let g = y.to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g)
+    };
+    let ((y_view, g_view), (y_copy, g_copy)) = (run(&view), run(copy.as_tensor()));
+    assert_close("lora_linear half offset input", rng.seed, &y_view, &y_copy, 0.0);
+    for v in [&a, &b] {
+        assert_close(
+            "lora_linear half offset input grads",
+            rng.seed,
+            g_view.get(v).unwrap(),
+            g_copy.get(v).unwrap(),
+            0.0,
+        );
+    }
+    let dx_view = g_view.get(big.as_tensor()).unwrap().narrow(0, 3, 4).unwrap();
+    assert_close(
+        "lora_linear half offset dx",
+        rng.seed,
+        &dx_view,
+        g_copy.get(copy.as_tensor()).unwrap(),
+        0.0,
+    );
+    // it takes only bf16/f16 inputs without dropout
+    assert!(weights.forward_half(&x, None).is_err(), "f32 input on the half path");
+    assert!(
+        half.forward_half(&x16, Some(DropoutMask::draw(24, 1.25, || true))).is_err(),
+        "dropout on the half path"
+    );
     // operands that do not fit are an error, on both paths
     let swapped = LoraWeights { a: b.as_tensor(), b: a.as_tensor(), ..weights };
     assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, None).is_err());

@@ -158,7 +158,10 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
             }),
         });
     }
-    cases.push(lora_case(rng, (2, 37, 96), 80, 8)?);
+    // with dropout (CUDA: the generic path in every dtype) and without (CUDA: bf16/f16 on the
+    // half-precision path's cuBLAS GemmEx calls)
+    cases.push(lora_case(rng, (2, 37, 96), 80, 8, true)?);
+    cases.push(lora_case(rng, (2, 37, 96), 80, 8, false)?);
     // On CUDA in bf16/f16, head dimensions 64 and 128 run the flash kernels (kernels/flash_attention.cu;
     // 70 rows: two query tiles, one partly filled) and 32 the recomputing composed path; the last case
     // is that path one batch row per pass, as a large batch goes.
@@ -173,21 +176,23 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
     Ok(cases)
 }
 
-/// LoRA layer with dropout; A and B are f32 whatever the base dtype, as in the model.
+/// LoRA layer, with or without dropout; A and B are f32 whatever the base dtype, as in the model.
 fn lora_case(
     rng: &mut ChaCha8Rng,
     (b, t, inp): (usize, usize, usize),
     out: usize,
     r: usize,
+    dropout: bool,
 ) -> anyhow::Result<Case> {
-    let mask = ops::dropout::DropoutMask::draw(b * t * inp, 1.25, || rng.random::<f64>() < 0.8);
+    let mask =
+        dropout.then(|| ops::dropout::DropoutMask::draw(b * t * inp, 1.25, || rng.random::<f64>() < 0.8));
     let mask2 = mask.clone();
     let f32s = |a: &[Tensor]| -> candle_core::Result<(Tensor, Tensor)> {
         Ok((a[2].to_dtype(DType::F32)?, a[3].to_dtype(DType::F32)?))
     };
     Ok(Case {
         tol_bf16: 1e-2,
-        op: format!("lora_linear [{b},{t},{inp}]->{out} r={r}"),
+        op: format!("lora_linear [{b},{t},{inp}]->{out} r={r}{}", if dropout { " dropout" } else { "" }),
         inputs: vec![
             input("x", &[b, t, inp], 1.0, true),
             input("weight", &[out, inp], 0.2, false),
@@ -197,12 +202,12 @@ fn lora_case(
         ours: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
             ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }
-                .forward(&a[0], Some(mask.clone()))
+                .forward(&a[0], mask.clone())
         }),
         reference: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
             ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }
-                .reference(&a[0], Some(&mask2))
+                .reference(&a[0], mask2.as_ref())
         }),
     })
 }

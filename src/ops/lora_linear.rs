@@ -9,11 +9,19 @@
 //! gradient. When the input needs no gradient (layer 0's q, k and v read the frozen embeddings) the
 //! `dy·W` product is skipped.
 //!
-//! On the CPU in f32 (the CPU build's dtype) both directions are our own loops over `gemm`. Elsewhere
-//! (CUDA, bf16) the same op runs the same math through candle's backend: cuBLAS products on the
-//! storages in the forward, candle tensor ops in the backward; the graph keeps the same three tensors,
-//! and a dropout mask is kept as one byte per element on the device. [`LoraWeights::reference`] is the composed
-//! version the tests compare both paths against.
+//! Three paths, one graph footprint (x, A, B):
+//! - CPU in f32 (the CPU build's dtype): both directions are our own loops over `gemm`/OpenBLAS.
+//! - CUDA in bf16/f16 without dropout: the half-precision path ([`Half`]): the LoRA branch's products
+//!   take bf16/f16 operands with f32 accumulation (cuBLAS `GemmEx`, [`super::gemm_ex`]), write f32
+//!   gradients, and accumulate the update straight into the frozen product's buffer, so no full-width
+//!   f32 temporary exists. `CANDOR_LORA=composed` turns it off.
+//! - Otherwise (CUDA in f32 or with dropout, bf16 on the CPU) the generic path runs the same math
+//!   through candle's backend: cuBLAS products on the storages in the forward, candle tensor ops in the
+//!   backward, the LoRA branch in f32; a dropout mask is kept as one byte per element on the device.
+//!
+//! [`LoraWeights::reference`] is the composed version the tests compare every path against; the half
+//! path runs on the CPU too (forced, with `gemm_ex`'s emulation of cuBLAS), so its exact call sequence
+//! is tested without a GPU.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -21,6 +29,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
 use super::frozen_linear::cpu_linear;
+use super::gemm_ex::{row_major, GemmEx};
 use super::{cpu_f32, cpu_storage, f32_slice};
 
 /// Whether [`LoraWeights::forward`] runs the CPU path for these operands (CPU, all f32).
@@ -42,17 +51,54 @@ pub struct LoraWeights<'a> {
     pub scale: f64,
 }
 
+/// Which code runs the op.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// Our f32 loops over `cpu_gemm` (CPU, f32).
+    Cpu,
+    /// candle backend products, the LoRA part in f32 (any device and dtype).
+    Generic,
+    /// bf16/f16 products with f32 accumulation through [`super::gemm_ex`] (CUDA's default for bf16 and
+    /// f16 without dropout).
+    Half,
+}
+
+/// Whether CUDA runs [`Path::Half`] for bf16/f16 layers without dropout: yes unless `CANDOR_LORA` is
+/// `composed` (the switch for A/B measurements, as `CANDOR_ATTENTION`).
+fn half_on_cuda() -> bool {
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*COMPOSED.get_or_init(|| std::env::var("CANDOR_LORA").is_ok_and(|v| v == "composed"))
+}
+
 impl LoraWeights<'_> {
-    /// The layer on `x: [.., in]` as one op: the CPU f32 path where [`supported`], else the
-    /// device-agnostic path. `mask` covers `x`'s elements.
+    /// The layer on `x: [.., in]` as one op: the CPU f32 path where [`supported`]; on CUDA in bf16/f16
+    /// without dropout the half-precision path; else the device-agnostic path. `mask` covers `x`'s
+    /// elements.
     pub fn forward(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
-        self.apply(x, mask, !supported(x, self.weight, self.bias))
+        let path = if supported(x, self.weight, self.bias) {
+            Path::Cpu
+        } else if x.device().is_cuda() && half_path_applies(x, mask.as_ref()) && half_on_cuda() {
+            Path::Half
+        } else {
+            Path::Generic
+        };
+        self.apply(x, mask, path)
     }
 
-    /// The op's device-agnostic path (candle backend products), which CUDA and bf16 run, forced on any
-    /// device: for the tests, which check it on the CPU.
+    /// The op's device-agnostic path (candle backend products), which CUDA runs in f32 and with dropout,
+    /// forced on any device: for the tests, which check it on the CPU.
     pub fn forward_generic(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
-        self.apply(x, mask, true)
+        self.apply(x, mask, Path::Generic)
+    }
+
+    /// The op's half-precision path (CUDA's for bf16/f16 without dropout), forced on any device: on the
+    /// CPU its products run [`super::gemm_ex`]'s emulation of cuBLAS, for the tests. An error for an f32
+    /// `x` or with a dropout mask.
+    pub fn forward_half(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
+        if !half_path_applies(x, mask.as_ref()) {
+            candle_core::bail!("{OP}: the half-precision path takes a bf16 or f16 input without dropout");
+        }
+        self.apply(x, mask, Path::Half)
     }
 
     fn check(&self, x: &Tensor, mask: Option<&DropoutMask>) -> Result<()> {
@@ -83,13 +129,13 @@ impl LoraWeights<'_> {
         Ok(())
     }
 
-    fn apply(&self, x: &Tensor, mask: Option<DropoutMask>, generic: bool) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, mask: Option<DropoutMask>, path: Path) -> Result<Tensor> {
         self.check(x, mask.as_ref())?;
         let in_f = self.weight.dim(1)?;
         let rows = x.elem_count() / in_f;
         // the generic path keeps the mask on the device as one byte per element
-        let mask_bytes = match (&mask, generic) {
-            (Some(m), true) => {
+        let mask_bytes = match (&mask, path) {
+            (Some(m), Path::Generic) => {
                 let v: Vec<u8> = (0..rows * in_f).map(|i| (m.factor(i) != 0.0) as u8).collect();
                 Some(Tensor::from_vec(v, (rows, in_f), x.device())?)
             }
@@ -101,8 +147,14 @@ impl LoraWeights<'_> {
             scale: self.scale as f32,
             mask,
             mask_bytes,
-            generic,
-            rank_out: (!generic && [x, self.a, self.b].iter().any(|t| t.track_op()))
+            path,
+            half: (path == Path::Half)
+                .then(|| -> Result<HalfWeights> {
+                    let round = |t: &Tensor| t.detach().to_dtype(x.dtype());
+                    Ok(HalfWeights { a: round(self.a)?.contiguous()?, b: round(self.b)?.contiguous()? })
+                })
+                .transpose()?,
+            rank_out: (path == Path::Cpu && [x, self.a, self.b].iter().any(|t| t.track_op()))
                 .then(|| std::sync::Mutex::new(None)),
         };
         x.contiguous()?.apply_op3(&self.a.contiguous()?, &self.b.contiguous()?, op)
@@ -136,8 +188,9 @@ struct LoraLinear {
     mask: Option<DropoutMask>,
     /// The mask as 0/1 bytes `[rows, in]` on the op's device (generic path only).
     mask_bytes: Option<Tensor>,
-    /// Run the device-agnostic path (always off the CPU, and for bf16/f16).
-    generic: bool,
+    path: Path,
+    /// A and B in the input's dtype ([`Path::Half`] only).
+    half: Option<HalfWeights>,
     /// `xd·Aᵀ` from the CPU forward, taken by the backward; kept only when something needs a gradient.
     rank_out: Option<std::sync::Mutex<Option<Vec<f32>>>>,
 }
@@ -168,8 +221,10 @@ impl CustomOp3 for LoraLinear {
         b_s: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if self.generic {
-            return self.generic_fwd(xs, xl, a_s, al, b_s, bl, |s| cpu_storage(s, OP));
+        match self.path {
+            Path::Generic => return self.generic_fwd(xs, xl, a_s, al, b_s, bl, |s| cpu_storage(s, OP)),
+            Path::Half => return self.half_fwd(xs, xl, |s| cpu_storage(s, OP)),
+            Path::Cpu => {}
         }
         let (r, in_f) = al.shape().dims2()?;
         let out_f = bl.shape().dims2()?.0;
@@ -206,7 +261,10 @@ impl CustomOp3 for LoraLinear {
         b_s: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.generic_fwd(xs, xl, a_s, al, b_s, bl, |s| super::cuda_storage(s, OP))
+        match self.path {
+            Path::Half => self.half_fwd(xs, xl, |s| super::cuda_storage(s, OP)),
+            _ => self.generic_fwd(xs, xl, a_s, al, b_s, bl, |s| super::cuda_storage(s, OP)),
+        }
     }
 
     fn bwd(
@@ -217,8 +275,10 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy_t: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.generic || !x_t.device().is_cpu() {
-            return self.generic_bwd(x_t, a_t, b_t, dy_t);
+        match self.path {
+            Path::Half => return self.half_bwd(x_t, dy_t),
+            Path::Generic => return self.generic_bwd(x_t, a_t, b_t, dy_t),
+            Path::Cpu => {}
         }
         let (r, in_f) = a_t.dims2()?;
         let out_f = b_t.dim(0)?;
@@ -362,6 +422,245 @@ impl LoraLinear {
             None
         };
         Ok((dx, Some(da), Some(db)))
+    }
+}
+
+/// Whether [`Path::Half`] takes this input: bf16 or f16, and no dropout (whose masked copy of the input
+/// the generic path handles).
+fn half_path_applies(x: &Tensor, mask: Option<&DropoutMask>) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16) && mask.is_none()
+}
+
+/// A and B rounded to the input's dtype `h` (`[r, in]` and `[out, r]`, `r·(in + out)` elements), once
+/// per forward, for [`Path::Half`]'s products in both directions.
+struct HalfWeights {
+    a: Tensor,
+    b: Tensor,
+}
+
+/// The half-precision path, shared by the forward and the two backward ops. Every LoRA product takes
+/// operands in `h` (bf16 or f16) with f32 accumulation:
+///
+/// - forward: `t = x·A_hᵀ` (`[rows, r]` in `h`), then `y += s·t·B_hᵀ` straight into the frozen product's
+///   buffer;
+/// - backward: `u = dy·B_h` (`[rows, r]` in `h`), `dx = dy·W + s·u·A_h` (accumulated into `dy·W`'s
+///   buffer), `dA = s·uᵀ·x` and `dB = s·dyᵀ·t` (f32 results; `t` recomputed).
+///
+/// So no full-width f32 tensor exists. The generic path makes an f32 copy of `x` for the rank-r product
+/// and its gradient, the f32 product `t·Bᵀ` (`rows × out`) and its rounded copy before adding it, in
+/// both directions: on a 1B model about 1.5 MB of memory traffic per token and layer, against about
+/// 0.4 MB here. What this gives up is precision inside the LoRA branch: `t`, `u`, A and B are rounded to
+/// `h` (relative 2⁻⁹ in bf16) before their products, as PyTorch autocast's LoRA does; the gradients are
+/// accumulated and returned in f32.
+struct Half<'a, S> {
+    h: DType,
+    rows: usize,
+    in_f: usize,
+    out_f: usize,
+    r: usize,
+    a: &'a S,
+    b: &'a S,
+    scale: f32,
+    of: fn(&Storage) -> Result<&S>,
+    weight: &'a Tensor,
+}
+
+impl<'a, S: GemmEx> Half<'a, S> {
+    /// Runs `f` on the path for `rows` rows with the rounded weights `w`.
+    fn with<R>(
+        rows: usize,
+        w: &HalfWeights,
+        scale: f32,
+        weight: &'a Tensor,
+        of: fn(&Storage) -> Result<&S>,
+        f: impl FnOnce(&Half<'_, S>) -> Result<R>,
+    ) -> Result<R> {
+        let (r, in_f) = w.a.dims2()?;
+        let out_f = w.b.dim(0)?;
+        let (a, _) = w.a.storage_and_layout();
+        let (b, _) = w.b.storage_and_layout();
+        let half = Half { h: w.a.dtype(), rows, in_f, out_f, r, a: of(&a)?, b: of(&b)?, scale, of, weight };
+        f(&half)
+    }
+
+    /// `x·A_hᵀ`: `[rows, r]` in `h`, from `x`'s element offset `x_off`.
+    fn t(&self, x: &S, x_off: usize) -> Result<S> {
+        let mut t = x.output(self.rows * self.r, self.h)?;
+        row_major(
+            (&mut t, 0),
+            (x, x_off, false),
+            (self.a, 0, true),
+            (self.rows, self.r, self.in_f),
+            1.0,
+            0.0,
+        )?;
+        Ok(t)
+    }
+
+    /// `dy·B_h`: `[rows, r]` in `h`.
+    fn u(&self, dy: &S, dy_off: usize) -> Result<S> {
+        let mut u = dy.output(self.rows * self.r, self.h)?;
+        row_major(
+            (&mut u, 0),
+            (dy, dy_off, false),
+            (self.b, 0, false),
+            (self.rows, self.r, self.out_f),
+            1.0,
+            0.0,
+        )?;
+        Ok(u)
+    }
+
+    /// `y = x·Wᵀ (+ bias) + s·t·B_hᵀ`.
+    fn forward(&self, x: &S, xl: &Layout, bias: Option<&Tensor>) -> Result<S> {
+        use candle_core::op::Add;
+        let (rows, in_f, out_f) = (self.rows, self.in_f, self.out_f);
+        let x_off = xl.start_offset();
+        let x2 = Layout::contiguous_with_offset((rows, in_f), x_off);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let mut y = x.matmul((self.of)(&ws)?, (1, rows, out_f, in_f), &x2, &wl.transpose(0, 1)?)?;
+        if let Some(bias) = bias {
+            let (bs, bias_l) = bias.storage_and_layout();
+            let ly = Layout::contiguous((rows, out_f));
+            y = y.binary_impl::<Add>((self.of)(&bs)?, &ly, &bias_l.broadcast_as((rows, out_f))?)?;
+        }
+        let t = self.t(x, x_off)?;
+        row_major((&mut y, 0), (&t, 0, false), (self.b, 0, true), (rows, out_f, self.r), self.scale, 1.0)?;
+        Ok(y)
+    }
+
+    /// `dx = dy·W + s·u·A_h` in `h`.
+    fn dx(&self, dy: &S, dyl: &Layout) -> Result<S> {
+        let (rows, in_f, out_f) = (self.rows, self.in_f, self.out_f);
+        let dy_off = dyl.start_offset();
+        let dy2 = Layout::contiguous_with_offset((rows, out_f), dy_off);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let mut dx = dy.matmul((self.of)(&ws)?, (1, rows, in_f, out_f), &dy2, wl)?;
+        let u = self.u(dy, dy_off)?;
+        row_major((&mut dx, 0), (&u, 0, false), (self.a, 0, false), (rows, in_f, self.r), self.scale, 1.0)?;
+        Ok(dx)
+    }
+
+    /// `dA = s·uᵀ·x` then `dB = s·dyᵀ·t`, in one f32 buffer of `r·in + out·r` elements.
+    fn grads(&self, x: &S, xl: &Layout, dy: &S, dyl: &Layout) -> Result<S> {
+        let (rows, in_f, out_f, r) = (self.rows, self.in_f, self.out_f, self.r);
+        let (x_off, dy_off) = (xl.start_offset(), dyl.start_offset());
+        let (u, t) = (self.u(dy, dy_off)?, self.t(x, x_off)?);
+        let mut g = x.output(r * in_f + out_f * r, DType::F32)?;
+        row_major((&mut g, 0), (&u, 0, true), (x, x_off, false), (r, in_f, rows), self.scale, 0.0)?;
+        row_major((&mut g, r * in_f), (dy, dy_off, true), (&t, 0, false), (out_f, r, rows), self.scale, 0.0)?;
+        Ok(g)
+    }
+}
+
+impl LoraLinear {
+    /// [`Path::Half`]'s forward (see [`Half`]).
+    fn half_fwd<S: GemmEx>(&self, x: &S, xl: &Layout, of: fn(&Storage) -> Result<&S>) -> Result<(S, Shape)> {
+        let Some(w) = &self.half else { candle_core::bail!("{OP}: half path without its rounded weights") };
+        let rows = xl.shape().elem_count() / w.a.dim(1)?;
+        let y = Half::with(rows, w, self.scale, &self.weight, of, |h| h.forward(x, xl, self.bias.as_ref()))?;
+        let mut dims = xl.shape().dims().to_vec();
+        *dims.last_mut().unwrap() = w.b.dim(0)?;
+        Ok((y, Shape::from(dims)))
+    }
+
+    /// [`Path::Half`]'s backward: two no-backward ops, one for `dx` (when wanted), one for `dA` and `dB`
+    /// together. Each computes the thin `u = dy·B_h` itself (`rows × r`, one more read of `dy`) rather
+    /// than handing a buffer between ops.
+    fn half_bwd(&self, x: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(w) = &self.half else { candle_core::bail!("{OP}: half path without its rounded weights") };
+        let (r, in_f) = w.a.dims2()?;
+        let out_f = w.b.dim(0)?;
+        let dy = dy.contiguous()?;
+        let op = HalfBackward { weight: &self.weight, w, scale: self.scale };
+        let g = x.apply_op2_no_bwd(&dy, &HalfGrads(&op))?;
+        let da = g.narrow(0, 0, r * in_f)?.reshape((r, in_f))?;
+        let db = g.narrow(0, r * in_f, out_f * r)?.reshape((out_f, r))?;
+        let dx =
+            if x.track_op() { Some(dy.apply_op1_no_bwd(&HalfDx(&op))?.reshape(x.shape())?) } else { None };
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+/// What [`Path::Half`]'s backward ops read besides their arguments.
+struct HalfBackward<'a> {
+    weight: &'a Tensor,
+    w: &'a HalfWeights,
+    scale: f32,
+}
+
+impl HalfBackward<'_> {
+    /// Runs `f` on the path for the rows of `x_like` (`x` or `dy`, rows of `width`).
+    fn run<S: GemmEx>(
+        &self,
+        x_like: &Layout,
+        width: usize,
+        of: fn(&Storage) -> Result<&S>,
+        f: impl FnOnce(&Half<'_, S>) -> Result<S>,
+    ) -> Result<S> {
+        Half::with(x_like.shape().elem_count() / width, self.w, self.scale, self.weight, of, f)
+    }
+}
+
+/// `dx` of [`Path::Half`], on `dy`.
+struct HalfDx<'a>(&'a HalfBackward<'a>);
+
+/// `dA` and `dB` of [`Path::Half`] in one f32 vector, on `(x, dy)`.
+struct HalfGrads<'a>(&'a HalfBackward<'a>);
+
+impl candle_core::CustomOp1 for HalfDx<'_> {
+    fn name(&self) -> &'static str {
+        "candor-lora-half-dx"
+    }
+
+    fn cpu_fwd(&self, dy: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (out_f, in_f) = self.0.weight.dims2()?;
+        let rows = dyl.shape().elem_count() / out_f;
+        let dx = self.0.run(dyl, out_f, |s| cpu_storage(s, OP), |h| h.dx(dy, dyl))?;
+        Ok((dx, Shape::from((rows, in_f))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out_f, in_f) = self.0.weight.dims2()?;
+        let rows = dyl.shape().elem_count() / out_f;
+        let dx = self.0.run(dyl, out_f, |s| super::cuda_storage(s, OP), |h| h.dx(dy, dyl))?;
+        Ok((dx, Shape::from((rows, in_f))))
+    }
+}
+
+impl candle_core::CustomOp2 for HalfGrads<'_> {
+    fn name(&self) -> &'static str {
+        "candor-lora-half-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let in_f = self.0.weight.dim(1)?;
+        let g = self.0.run(xl, in_f, |s| cpu_storage(s, OP), |h| h.grads(x, xl, dy, dyl))?;
+        Ok((g, Shape::from(self.0.w.a.elem_count() + self.0.w.b.elem_count())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let in_f = self.0.weight.dim(1)?;
+        let g = self.0.run(xl, in_f, |s| super::cuda_storage(s, OP), |h| h.grads(x, xl, dy, dyl))?;
+        Ok((g, Shape::from(self.0.w.a.elem_count() + self.0.w.b.elem_count())))
     }
 }
 

@@ -47,6 +47,7 @@ pub mod dropout;
 #[cfg(feature = "cuda")]
 pub mod flash_attention;
 pub mod frozen_linear;
+mod gemm_ex;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod openblas;
