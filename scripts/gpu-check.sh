@@ -5,13 +5,14 @@
 #   scripts/check-cuda-build.sh        (writes dist/candor-cuda and dist/candor-cuda.gz)
 # and take the repository with dist/candor-cuda.gz along (unpacked here when dist/candor-cuda is absent). There it needs python3 with torch, transformers, peft.
 #
-# Steps (each under `timeout`; the worst case adds up to about 7.5 minutes, 20+45+100+5x55 s):
+# Steps (each under `timeout`; the worst case adds up to about 7.9 minutes, 20+45+100+4x55+2x45 s):
 #   a. nvidia-smi                                   -> OUT/nvidia-smi.log
 #   b. candor selftest --device cuda                -> OUT/selftest.log
 #   c. random-weight models shaped like Qwen2.5-0.5B and Llama-3.2-1B (transformers, bf16, temp dir)
 #   d. per model: candor bench train-step (bf16, batch 8 x 1024, LoRA r=16 on 7 projections, AdamW)
 #      and transformers+PEFT doing the same (scripts/bench_peft.py); GPU memory sampled by nvidia-smi;
 #      for Llama-3.2-1B also candor with CANDOR_ATTENTION=composed (attention without the flash kernels)
+#      and with CANDOR_LORA=composed (the LoRA layers' f32 generic path instead of bf16 GemmEx products)
 #   e. one table: tokens/s, MFU (4 x params x tokens/s / 989e12), peak GPU memory, ratios
 #                                                   -> OUT/summary.txt (printed last)
 # Every step's full output is in OUT/<step>.log; a failed step does not stop the others.
@@ -91,12 +92,13 @@ for model in qwen2.5-0.5b llama-3.2-1b; do
     continue
   fi
   variants=(candor)
-  [ "$model" = llama-3.2-1b ] && variants+=(candor-composed)
+  [ "$model" = llama-3.2-1b ] && variants+=(candor-composed candor-lora-composed)
   for who in "${variants[@]}"; do
     sample_start "$who-$model"
-    attention=flash
-    [ "$who" = candor-composed ] && attention=composed
-    run "$who-$model" 55 env CANDOR_ATTENTION=$attention "$BIN" bench train-step "$MODELS/$model" --device "$DEVICE" \
+    attention=flash lora=half limit=55
+    [ "$who" = candor-composed ] && attention=composed limit=45
+    [ "$who" = candor-lora-composed ] && lora=composed limit=45
+    run "$who-$model" $limit env CANDOR_ATTENTION=$attention CANDOR_LORA=$lora "$BIN" bench train-step "$MODELS/$model" --device "$DEVICE" \
       --dtype bf16 --batch "$BATCH" --seq-len "$SEQ_LEN" --rank 16 --steps "$STEPS" --optimizer adamw \
       --json "$OUT/$who-$model.json"
     sample_stop
@@ -149,6 +151,7 @@ print(f"training step: bf16 base, LoRA r=16 on q,k,v,o,gate,up,down, batch {c0.g
 print("peak GPU memory: nvidia-smi memory.used (whole GPU, includes CUDA context and allocator caches); "
       "torch.max_memory_allocated for PEFT in brackets")
 print("composed: candor with CANDOR_ATTENTION=composed (attention from cuBLAS products and candle ops, no flash kernels)")
+print("lora-f32: candor with CANDOR_LORA=composed (LoRA branch through f32 copies instead of bf16 GemmEx products)")
 hdr = f"{'model':14} {'trainer':7} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GPU mem':>13}  {'':>10}"
 print(hdr)
 print("-" * len(hdr))
@@ -156,8 +159,14 @@ for model in ["qwen2.5-0.5b", "llama-3.2-1b"]:
     c, p = load(f"candor-{model}.json"), load(f"peft-{model}.json")
     n = (c or p or {}).get("num_parameters")
     rows = {}
-    for who, r in (("candor", c), ("peft", p), ("candor-composed", load(f"candor-composed-{model}.json"))):
-        if not r and who == "candor-composed":
+    variants = (
+        ("candor", c),
+        ("peft", p),
+        ("candor-composed", load(f"candor-composed-{model}.json")),
+        ("candor-lora-composed", load(f"candor-lora-composed-{model}.json")),
+    )
+    for who, r in variants:
+        if not r and who.startswith("candor-"):
             continue
         if not r:
             print(f"{model:14} {who:7} {'failed':>10}  (see {who}-{model}.log)")
@@ -165,7 +174,7 @@ for model in ["qwen2.5-0.5b", "llama-3.2-1b"]:
         tps = r["tokens_per_s"]
         mem = gpumem(f"{who}-{model}")
         rows[who] = (tps, mem)
-        who = "composed" if who == "candor-composed" else who  # attention without the flash kernels
+        who = {"candor-composed": "composed", "candor-lora-composed": "lora-f32"}.get(who, who)
         extra = f"[{gb(r.get('peak_memory_allocated_bytes'))}]" if who == "peft" else ""
         print(f"{model:14} {who:7} {tps:>10.0f} {4 * n * tps / PEAK:>7.1%} {r['median_step_s']:>8.3f} {gb(mem):>13}  {extra:>10}")
     if "candor" in rows and "peft" in rows:
