@@ -208,3 +208,32 @@ fn resuming_a_finished_run_completes_a_missing_export_only() {
     assert_eq!(std::fs::metadata(&config).unwrap().modified().unwrap(), written, "a complete export is kept");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `bench train-step --alternate-blas`: measured steps alternate A B B A between OpenBLAS and `gemm` in
+/// one process, and the summary gives both medians (and the JSON both step lists).
+#[test]
+fn bench_alternates_openblas_and_gemm_in_one_process() {
+    if std::env::var("CANDOR_BLAS").as_deref() == Ok("off") {
+        return;
+    }
+    let model = fixtures().join("tiny-llama");
+    let json = scratch("bench-alternate").join("bench.json");
+    let args = ["bench", "train-step", model.to_str().unwrap(), "--batch", "1", "--seq-len", "8"];
+    let more = ["--steps", "4", "--alternate-blas", "--json", json.to_str().unwrap()];
+    let (code, out, err) = candor(&[&args[..], &more[..]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let order: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once(" [").and_then(|(_, r)| r.split_once(']')).map(|(v, _)| v))
+        .collect();
+    assert_eq!(order, ["openblas", "gemm", "gemm", "openblas"], "{out}");
+    assert!(out.contains("alternated in one process: OpenBLAS median"), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let alt = &summary["alternate_blas"];
+    assert_eq!(alt["openblas_step_s"].as_array().unwrap().len(), 2);
+    assert_eq!(alt["gemm_step_s"].as_array().unwrap().len(), 2);
+    // without OpenBLAS there is nothing to alternate with: one clear error
+    let (code, _, err) = candor(&[&args[..], &more[..3]].concat(), &[("CANDOR_BLAS", "off")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--alternate-blas needs OpenBLAS"), "{err}");
+}

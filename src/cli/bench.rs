@@ -44,6 +44,11 @@ pub struct BenchArgs {
     /// train-step: also write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<String>,
+    /// train-step on the CPU: run the measured steps alternately with the large products on OpenBLAS
+    /// and on the built-in `gemm` (in the order A B B A ...), in one process, so a noisy machine slows
+    /// both alike; prints each one's median and their ratio.
+    #[arg(long)]
+    pub alternate_blas: bool,
 }
 
 fn bench_data(args: &BenchArgs) -> anyhow::Result<()> {
@@ -141,12 +146,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(blas) = &blas {
         println!("cpu matrix products: {blas}");
     }
+    if args.alternate_blas {
+        if !model.device().is_cpu() {
+            anyhow::bail!("bench: --alternate-blas compares CPU matrix products; it needs --device cpu");
+        }
+        if !matches!(crate::ops::openblas::get(), Ok(Some(_))) {
+            anyhow::bail!(
+                "bench: --alternate-blas needs OpenBLAS, and this run has none ({})",
+                blas.as_deref().unwrap_or("")
+            );
+        }
+        if args.steps < 2 {
+            anyhow::bail!("bench: --alternate-blas needs --steps 2 or more (one step per variant at least)");
+        }
+    }
+    // measured step i (from 1) on gemm when alternating: A B B A A B B A ...
+    let on_gemm = |step: usize| args.alternate_blas && step > 0 && matches!((step - 1) % 4, 1 | 2);
+    let mut gemm_times = Vec::new();
     let device = model.device().clone();
     let mut optimizer =
         if adamw { Some(AdamW::new(model.lora_vars(), AdamWConfig::default())?) } else { None };
     let mut peak_device_bytes = 0u64;
     let mut times = Vec::new();
     for step in 0..=args.steps {
+        crate::ops::openblas::set_suspended(on_gemm(step));
         let start = Instant::now();
         let hidden = model.hidden_states(&batch, None, true)?;
         let (loss_sum, n) = model.loss_sum(&hidden, &batch.targets)?;
@@ -167,7 +190,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let s = start.elapsed().as_secs_f64();
         println!(
             "  step {step}{}: {:.3} s (forward {:.3} s, backward{} {:.3} s), {:.1} tokens/s, loss {:.4}",
-            if step == 0 { " (warm-up)" } else { "" },
+            match step {
+                0 => " (warm-up)",
+                _ if !args.alternate_blas => "",
+                _ if on_gemm(step) => " [gemm]",
+                _ => " [openblas]",
+            },
             s,
             forward_s,
             if adamw { " + update" } else { "" },
@@ -175,12 +203,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             tokens as f64 / s,
             loss.to_scalar::<f32>()?
         );
-        if step > 0 {
+        if on_gemm(step) {
+            gemm_times.push(s);
+        } else if step > 0 {
             times.push(s);
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    crate::ops::openblas::set_suspended(false);
+    let median_of = |t: &mut Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let median = median_of(&mut times);
+    let alternation = (!gemm_times.is_empty()).then(|| {
+        let gemm = median_of(&mut gemm_times);
+        println!(
+            "alternated in one process: OpenBLAS median {median:.3} s over {} steps, gemm {gemm:.3} s over {}; \
+             OpenBLAS runs at {:.3}x gemm's speed",
+            times.len(),
+            gemm_times.len(),
+            gemm / median
+        );
+        serde_json::json!({ "openblas_step_s": times, "gemm_step_s": gemm_times, "gemm_median_s": gemm })
+    });
     let tokens_per_s = tokens as f64 / median;
     let device_note = if device.is_cuda() {
         format!(
@@ -213,6 +258,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_device_memory_used_bytes": peak_device_bytes,
             "cpu_matrix_products": blas,
+            "alternate_blas": alternation,
         });
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
             .map_err(|e| anyhow::anyhow!("bench: cannot write {path}: {e}"))?;

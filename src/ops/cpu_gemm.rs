@@ -128,7 +128,7 @@ impl Product<'_> {
         self.lhs.check("lhs");
         self.rhs.check("rhs");
         if self.threads == Threads::All && m.min(n).min(k) >= super::openblas::MIN_DIM {
-            if let Ok(Some(blas)) = super::openblas::get() {
+            if let Some(blas) = super::openblas::active() {
                 // SAFETY: as for gemm below.
                 if unsafe { blas.product(&self.lhs, &self.rhs, self.beta, dst, offset, rs, accumulate) } {
                     return;

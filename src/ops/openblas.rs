@@ -10,6 +10,7 @@
 //! must open (an error otherwise, reported at start-up by [`check_choice`]).
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use super::cpu_gemm::View;
@@ -57,6 +58,22 @@ pub(crate) fn get() -> &'static Result<Option<Blas>, String> {
             }),
         }
     })
+}
+
+static SUSPENDED: AtomicBool = AtomicBool::new(false);
+
+/// While suspended, every product runs on `gemm` as with `CANDOR_BLAS=off`; unlike the variable this
+/// can change between steps, so `bench train-step --alternate-blas` compares both in one process.
+pub fn set_suspended(on: bool) {
+    SUSPENDED.store(on, Ordering::Relaxed);
+}
+
+/// The library the large products use now: [`get`]'s, unless [`set_suspended`].
+pub(crate) fn active() -> Option<&'static Blas> {
+    match get() {
+        Ok(Some(b)) if !SUSPENDED.load(Ordering::Relaxed) => Some(b),
+        _ => None,
+    }
 }
 
 /// Opens the library now when `CANDOR_BLAS` names one, so a wrong name fails before any work; with
