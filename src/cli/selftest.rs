@@ -158,8 +158,8 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
             }),
         });
     }
-    // with dropout (CUDA: the generic path in every dtype) and without (CUDA: bf16/f16 on the
-    // half-precision path's cuBLAS GemmEx calls)
+    // with and without dropout; on CUDA, bf16/f16 run the half-precision path's cuBLAS GemmEx calls
+    // (with dropout also its masked branch input and masked dx) and f32 the generic path
     cases.push(lora_case(rng, (2, 37, 96), 80, 8, true)?);
     cases.push(lora_case(rng, (2, 37, 96), 80, 8, false)?);
     // On CUDA in bf16/f16, head dimensions 64 and 128 run the flash kernels (kernels/flash_attention.cu;

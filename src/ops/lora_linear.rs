@@ -11,11 +11,11 @@
 //!
 //! Three paths, one graph footprint (x, A, B):
 //! - CPU in f32 (the CPU build's dtype): both directions are our own loops over `gemm`/OpenBLAS.
-//! - CUDA in bf16/f16 without dropout: the half-precision path ([`Half`]): the LoRA branch's products
-//!   take bf16/f16 operands with f32 accumulation (cuBLAS `GemmEx`, [`super::gemm_ex`]), write f32
-//!   gradients, and accumulate the update straight into the frozen product's buffer, so no full-width
-//!   f32 temporary exists. `CANDOR_LORA=composed` turns it off.
-//! - Otherwise (CUDA in f32 or with dropout, bf16 on the CPU) the generic path runs the same math
+//! - CUDA in bf16/f16: the half-precision path ([`Half`]): the LoRA branch's products take bf16/f16
+//!   operands with f32 accumulation (cuBLAS `GemmEx`, [`super::gemm_ex`]), write f32 gradients, and
+//!   accumulate the update straight into the frozen product's buffer, so no full-width f32 temporary
+//!   exists. `CANDOR_LORA=composed` turns it off.
+//! - Otherwise (CUDA in f32, bf16 on the CPU) the generic path runs the same math
 //!   through candle's backend: cuBLAS products on the storages in the forward, candle tensor ops in the
 //!   backward, the LoRA branch in f32; a dropout mask is kept as one byte per element on the device.
 //!
@@ -59,11 +59,11 @@ enum Path {
     /// candle backend products, the LoRA part in f32 (any device and dtype).
     Generic,
     /// bf16/f16 products with f32 accumulation through [`super::gemm_ex`] (CUDA's default for bf16 and
-    /// f16 without dropout).
+    /// f16).
     Half,
 }
 
-/// Whether CUDA runs [`Path::Half`] for bf16/f16 layers without dropout: yes unless `CANDOR_LORA` is
+/// Whether CUDA runs [`Path::Half`] for bf16/f16 layers: yes unless `CANDOR_LORA` is
 /// `composed` (the switch for A/B measurements, as `CANDOR_ATTENTION`).
 fn half_on_cuda() -> bool {
     static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -72,12 +72,11 @@ fn half_on_cuda() -> bool {
 
 impl LoraWeights<'_> {
     /// The layer on `x: [.., in]` as one op: the CPU f32 path where [`supported`]; on CUDA in bf16/f16
-    /// without dropout the half-precision path; else the device-agnostic path. `mask` covers `x`'s
-    /// elements.
+    /// the half-precision path; else the device-agnostic path. `mask` covers `x`'s elements.
     pub fn forward(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
         let path = if supported(x, self.weight, self.bias) {
             Path::Cpu
-        } else if x.device().is_cuda() && half_path_applies(x, mask.as_ref()) && half_on_cuda() {
+        } else if x.device().is_cuda() && half_path_applies(x) && half_on_cuda() {
             Path::Half
         } else {
             Path::Generic
@@ -85,18 +84,17 @@ impl LoraWeights<'_> {
         self.apply(x, mask, path)
     }
 
-    /// The op's device-agnostic path (candle backend products), which CUDA runs in f32 and with dropout,
-    /// forced on any device: for the tests, which check it on the CPU.
+    /// The op's device-agnostic path (candle backend products), which CUDA runs in f32, forced on any
+    /// device: for the tests, which check it on the CPU.
     pub fn forward_generic(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
         self.apply(x, mask, Path::Generic)
     }
 
-    /// The op's half-precision path (CUDA's for bf16/f16 without dropout), forced on any device: on the
-    /// CPU its products run [`super::gemm_ex`]'s emulation of cuBLAS, for the tests. An error for an f32
-    /// `x` or with a dropout mask.
+    /// The op's half-precision path (CUDA's for bf16/f16), forced on any device: on the CPU its products
+    /// run [`super::gemm_ex`]'s emulation of cuBLAS, for the tests. An error for an f32 `x`.
     pub fn forward_half(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
-        if !half_path_applies(x, mask.as_ref()) {
-            candle_core::bail!("{OP}: the half-precision path takes a bf16 or f16 input without dropout");
+        if !half_path_applies(x) {
+            candle_core::bail!("{OP}: the half-precision path takes a bf16 or f16 input");
         }
         self.apply(x, mask, Path::Half)
     }
@@ -133,9 +131,9 @@ impl LoraWeights<'_> {
         self.check(x, mask.as_ref())?;
         let in_f = self.weight.dim(1)?;
         let rows = x.elem_count() / in_f;
-        // the generic path keeps the mask on the device as one byte per element
+        // the generic and half paths keep the mask on the device as one byte per element
         let mask_bytes = match (&mask, path) {
-            (Some(m), Path::Generic) => {
+            (Some(m), Path::Generic | Path::Half) => {
                 let v: Vec<u8> = (0..rows * in_f).map(|i| (m.factor(i) != 0.0) as u8).collect();
                 Some(Tensor::from_vec(v, (rows, in_f), x.device())?)
             }
@@ -186,7 +184,7 @@ struct LoraLinear {
     bias: Option<Tensor>,
     scale: f32,
     mask: Option<DropoutMask>,
-    /// The mask as 0/1 bytes `[rows, in]` on the op's device (generic path only).
+    /// The mask as 0/1 bytes `[rows, in]` on the op's device (generic and half paths).
     mask_bytes: Option<Tensor>,
     path: Path,
     /// A and B in the input's dtype ([`Path::Half`] only).
@@ -425,10 +423,9 @@ impl LoraLinear {
     }
 }
 
-/// Whether [`Path::Half`] takes this input: bf16 or f16, and no dropout (whose masked copy of the input
-/// the generic path handles).
-fn half_path_applies(x: &Tensor, mask: Option<&DropoutMask>) -> bool {
-    matches!(x.dtype(), DType::BF16 | DType::F16) && mask.is_none()
+/// Whether [`Path::Half`] takes this input: bf16 or f16.
+fn half_path_applies(x: &Tensor) -> bool {
+    matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 /// A and B rounded to the input's dtype `h` (`[r, in]` and `[out, r]`, `r·(in + out)` elements), once
@@ -446,6 +443,10 @@ struct HalfWeights {
 /// - backward: `u = dy·B_h` (`[rows, r]` in `h`), `dx = dy·W + s·u·A_h` (accumulated into `dy·W`'s
 ///   buffer), `dA = s·uᵀ·x` and `dB = s·dyᵀ·t` (f32 results; `t` recomputed).
 ///
+/// With dropout, `x` is replaced by `x ⊙ m` (the 0/1 mask in `h`, exact) and the mask's `1/(1 − p)` joins
+/// the f32 `α` of the products that read it, rather than being rounded to `h`; `dx`'s LoRA part becomes
+/// `(s·u·A_h) ⊙ m`, a `rows × in` temporary in `h`. The masked input exists for one product at a time.
+///
 /// So no full-width f32 tensor exists. The generic path makes an f32 copy of `x` for the rank-r product
 /// and its gradient, the f32 product `t·Bᵀ` (`rows × out`) and its rounded copy before adding it, in
 /// both directions: on a 1B model about 1.5 MB of memory traffic per token and layer, against about
@@ -461,16 +462,19 @@ struct Half<'a, S> {
     a: &'a S,
     b: &'a S,
     scale: f32,
+    /// The dropout mask as 0/1 bytes `[rows, in]` and its `1/(1 − p)`.
+    mask: Option<(&'a S, f32)>,
     of: fn(&Storage) -> Result<&S>,
     weight: &'a Tensor,
 }
 
 impl<'a, S: GemmEx> Half<'a, S> {
-    /// Runs `f` on the path for `rows` rows with the rounded weights `w`.
+    /// Runs `f` on the path for `rows` rows with the rounded weights `w` and the dropout mask's bytes
+    /// and scale.
     fn with<R>(
         rows: usize,
         w: &HalfWeights,
-        scale: f32,
+        (scale, mask): (f32, Option<(&Tensor, f32)>),
         weight: &'a Tensor,
         of: fn(&Storage) -> Result<&S>,
         f: impl FnOnce(&Half<'_, S>) -> Result<R>,
@@ -479,19 +483,45 @@ impl<'a, S: GemmEx> Half<'a, S> {
         let out_f = w.b.dim(0)?;
         let (a, _) = w.a.storage_and_layout();
         let (b, _) = w.b.storage_and_layout();
-        let half = Half { h: w.a.dtype(), rows, in_f, out_f, r, a: of(&a)?, b: of(&b)?, scale, of, weight };
+        let m = mask.map(|(bytes, _)| bytes.storage_and_layout());
+        let mask = match (&m, mask) {
+            (Some((ms, _)), Some((_, keep))) => Some((of(ms)?, keep)),
+            _ => None,
+        };
+        let half =
+            Half { h: w.a.dtype(), rows, in_f, out_f, r, a: of(&a)?, b: of(&b)?, scale, mask, of, weight };
         f(&half)
     }
 
-    /// `x·A_hᵀ`: `[rows, r]` in `h`, from `x`'s element offset `x_off`.
-    fn t(&self, x: &S, x_off: usize) -> Result<S> {
-        let mut t = x.output(self.rows * self.r, self.h)?;
+    /// With dropout, `x ⊙ m` for `x` at `x_off` (a new buffer); see [`Half::branch_input`].
+    fn masked(&self, x: &S, x_off: usize) -> Result<Option<S>> {
+        use candle_core::op::Mul;
+        let Some((bytes, _)) = self.mask else { return Ok(None) };
+        let lx = Layout::contiguous((self.rows, self.in_f));
+        let m = bytes.to_dtype(&lx, self.h)?;
+        let x2 = Layout::contiguous_with_offset((self.rows, self.in_f), x_off);
+        Ok(Some(x.binary_impl::<Mul>(&m, &x2, &lx)?))
+    }
+
+    /// The LoRA branch's input as an operand with the `α` its products take: `(x ⊙ m, 0, 1/(1 − p))`
+    /// with dropout (`masked` from [`Half::masked`]), else `(x, x_off, 1)`.
+    fn branch_input<'x>(&self, x: &'x S, x_off: usize, masked: &'x Option<S>) -> (&'x S, usize, f32) {
+        match (masked, self.mask) {
+            (Some(xm), Some((_, keep))) => (xm, 0, keep),
+            _ => (x, x_off, 1.0),
+        }
+    }
+
+    /// `α·xd·A_hᵀ`: `[rows, r]` in `h`, for the branch's input `xd` at `xd_off` and its factor `α`
+    /// (see [`Half::branch_input`]).
+    fn t(&self, (xd, xd_off, alpha): (&S, usize, f32)) -> Result<S> {
+        let mut t = xd.output(self.rows * self.r, self.h)?;
         row_major(
             (&mut t, 0),
-            (x, x_off, false),
+            (xd, xd_off, false),
             (self.a, 0, true),
             (self.rows, self.r, self.in_f),
-            1.0,
+            alpha,
             0.0,
         )?;
         Ok(t)
@@ -524,41 +554,74 @@ impl<'a, S: GemmEx> Half<'a, S> {
             let ly = Layout::contiguous((rows, out_f));
             y = y.binary_impl::<Add>((self.of)(&bs)?, &ly, &bias_l.broadcast_as((rows, out_f))?)?;
         }
-        let t = self.t(x, x_off)?;
+        let masked = self.masked(x, x_off)?;
+        let t = self.t(self.branch_input(x, x_off, &masked))?;
+        drop(masked);
         row_major((&mut y, 0), (&t, 0, false), (self.b, 0, true), (rows, out_f, self.r), self.scale, 1.0)?;
         Ok(y)
     }
 
-    /// `dx = dy·W + s·u·A_h` in `h`.
+    /// `dx = dy·W + s·u·A_h` in `h` (the second term `⊙ m` with dropout).
     fn dx(&self, dy: &S, dyl: &Layout) -> Result<S> {
+        use candle_core::op::{Add, Mul};
         let (rows, in_f, out_f) = (self.rows, self.in_f, self.out_f);
         let dy_off = dyl.start_offset();
         let dy2 = Layout::contiguous_with_offset((rows, out_f), dy_off);
         let (ws, wl) = self.weight.storage_and_layout();
         let mut dx = dy.matmul((self.of)(&ws)?, (1, rows, in_f, out_f), &dy2, wl)?;
         let u = self.u(dy, dy_off)?;
-        row_major((&mut dx, 0), (&u, 0, false), (self.a, 0, false), (rows, in_f, self.r), self.scale, 1.0)?;
-        Ok(dx)
+        let Some((bytes, keep)) = self.mask else {
+            row_major(
+                (&mut dx, 0),
+                (&u, 0, false),
+                (self.a, 0, false),
+                (rows, in_f, self.r),
+                self.scale,
+                1.0,
+            )?;
+            return Ok(dx);
+        };
+        let lx = Layout::contiguous((rows, in_f));
+        let mut v = dy.output(rows * in_f, self.h)?;
+        row_major(
+            (&mut v, 0),
+            (&u, 0, false),
+            (self.a, 0, false),
+            (rows, in_f, self.r),
+            self.scale * keep,
+            0.0,
+        )?;
+        let v = v.binary_impl::<Mul>(&bytes.to_dtype(&lx, self.h)?, &lx, &lx)?;
+        dx.binary_impl::<Add>(&v, &lx, &lx)
     }
 
     /// `dA = s·uᵀ·x` then `dB = s·dyᵀ·t`, in one f32 buffer of `r·in + out·r` elements.
     fn grads(&self, x: &S, xl: &Layout, dy: &S, dyl: &Layout) -> Result<S> {
         let (rows, in_f, out_f, r) = (self.rows, self.in_f, self.out_f, self.r);
         let (x_off, dy_off) = (xl.start_offset(), dyl.start_offset());
-        let (u, t) = (self.u(dy, dy_off)?, self.t(x, x_off)?);
+        let masked = self.masked(x, x_off)?;
+        let (xd, xd_off, alpha) = self.branch_input(x, x_off, &masked);
+        let (u, t) = (self.u(dy, dy_off)?, self.t((xd, xd_off, alpha))?);
         let mut g = x.output(r * in_f + out_f * r, DType::F32)?;
-        row_major((&mut g, 0), (&u, 0, true), (x, x_off, false), (r, in_f, rows), self.scale, 0.0)?;
+        row_major((&mut g, 0), (&u, 0, true), (xd, xd_off, false), (r, in_f, rows), self.scale * alpha, 0.0)?;
         row_major((&mut g, r * in_f), (dy, dy_off, true), (&t, 0, false), (out_f, r, rows), self.scale, 0.0)?;
         Ok(g)
     }
 }
 
 impl LoraLinear {
+    /// The dropout mask's device bytes and `1/(1 − p)`, for [`Half`].
+    fn mask_arg(&self) -> Option<(&Tensor, f32)> {
+        self.mask_bytes.as_ref().zip(self.mask.as_ref().map(|m| m.scale))
+    }
+
     /// [`Path::Half`]'s forward (see [`Half`]).
     fn half_fwd<S: GemmEx>(&self, x: &S, xl: &Layout, of: fn(&Storage) -> Result<&S>) -> Result<(S, Shape)> {
         let Some(w) = &self.half else { candle_core::bail!("{OP}: half path without its rounded weights") };
         let rows = xl.shape().elem_count() / w.a.dim(1)?;
-        let y = Half::with(rows, w, self.scale, &self.weight, of, |h| h.forward(x, xl, self.bias.as_ref()))?;
+        let y = Half::with(rows, w, (self.scale, self.mask_arg()), &self.weight, of, |h| {
+            h.forward(x, xl, self.bias.as_ref())
+        })?;
         let mut dims = xl.shape().dims().to_vec();
         *dims.last_mut().unwrap() = w.b.dim(0)?;
         Ok((y, Shape::from(dims)))
@@ -572,7 +635,7 @@ impl LoraLinear {
         let (r, in_f) = w.a.dims2()?;
         let out_f = w.b.dim(0)?;
         let dy = dy.contiguous()?;
-        let op = HalfBackward { weight: &self.weight, w, scale: self.scale };
+        let op = HalfBackward { weight: &self.weight, w, scale: self.scale, mask: self.mask_arg() };
         let g = x.apply_op2_no_bwd(&dy, &HalfGrads(&op))?;
         let da = g.narrow(0, 0, r * in_f)?.reshape((r, in_f))?;
         let db = g.narrow(0, r * in_f, out_f * r)?.reshape((out_f, r))?;
@@ -587,6 +650,7 @@ struct HalfBackward<'a> {
     weight: &'a Tensor,
     w: &'a HalfWeights,
     scale: f32,
+    mask: Option<(&'a Tensor, f32)>,
 }
 
 impl HalfBackward<'_> {
@@ -598,7 +662,7 @@ impl HalfBackward<'_> {
         of: fn(&Storage) -> Result<&S>,
         f: impl FnOnce(&Half<'_, S>) -> Result<S>,
     ) -> Result<S> {
-        Half::with(x_like.shape().elem_count() / width, self.w, self.scale, self.weight, of, f)
+        Half::with(x_like.shape().elem_count() / width, self.w, (self.scale, self.mask), self.weight, of, f)
     }
 }
 
