@@ -545,15 +545,19 @@ fn lora_linear_matches_the_composed_layer() {
                     .reference(&t[0], mask.as_ref())
             },
         );
-        // the device-agnostic path (what CUDA runs), in f32 and with a bf16 base as on the GPU; A and B
-        // stay f32 as in the model (bf16 only with enough outputs: of three, all can be small, and then
-        // bf16's rounding of x·Wᵀ is a sizeable part of the largest)
-        let dtypes: &[DType] = if out >= 6 { &[DType::F32, DType::BF16] } else { &[DType::F32] };
-        for &dtype in dtypes {
+        // what CUDA runs: the device-agnostic path in f32 and with a bf16 base, and the half-precision
+        // path in bf16 and f16 (its products through the CPU emulation of cuBLAS's GemmEx); A and B stay
+        // f32 as in the model (low precision only with enough outputs: of three, all can be small, and
+        // then bf16's rounding of x·Wᵀ is a sizeable part of the largest)
+        let mut runs = vec![("generic", DType::F32)];
+        if out >= 6 {
+            runs.extend([("generic", DType::BF16), ("half", DType::BF16), ("half", DType::F16)]);
+        }
+        for (path, dtype) in runs {
             let w_low = w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
             let bias_low = bias.map(|b| b.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
             check(
-                &format!("{what} generic"),
+                &format!("{what} {path}"),
                 &mut rng,
                 &inputs,
                 dtype,
@@ -563,7 +567,10 @@ fn lora_linear_matches_the_composed_layer() {
                         (w_low.to_dtype(dtype)?, bias_low.as_ref().map(|b| b.to_dtype(dtype)).transpose()?);
                     let (a, b) = (t[1].to_dtype(DType::F32)?, t[2].to_dtype(DType::F32)?);
                     let weights = LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
-                    weights.forward_generic(&t[0], mask.clone())
+                    match path {
+                        "half" => weights.forward_half(&t[0], mask.clone()),
+                        _ => weights.forward_generic(&t[0], mask.clone()),
+                    }
                 },
                 |t| {
                     let weights = LoraWeights {
@@ -576,41 +583,6 @@ fn lora_linear_matches_the_composed_layer() {
                     weights.reference(&t[0], mask.as_ref())
                 },
             );
-        }
-        // the half-precision path (what CUDA runs for bf16/f16), its products through the CPU emulation of
-        // cuBLAS's GemmEx
-        if out >= 6 {
-            for dtype in [DType::BF16, DType::F16] {
-                let w_low = w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-                let bias_low = bias.map(|b| b.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
-                check(
-                    &format!("{what} half"),
-                    &mut rng,
-                    &inputs,
-                    dtype,
-                    &plain,
-                    |t| {
-                        let (w, bias) = (
-                            w_low.to_dtype(dtype)?,
-                            bias_low.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
-                        );
-                        let (a, b) = (t[1].to_dtype(DType::F32)?, t[2].to_dtype(DType::F32)?);
-                        let weights =
-                            LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
-                        weights.forward_half(&t[0], mask.clone())
-                    },
-                    |t| {
-                        let weights = LoraWeights {
-                            weight: &w_low,
-                            bias: bias_low.as_ref(),
-                            a: &t[1],
-                            b: &t[2],
-                            scale: 1.5,
-                        };
-                        weights.reference(&t[0], mask.as_ref())
-                    },
-                );
-            }
         }
     }
     // an input that needs no gradient (layer 0 reads the frozen embeddings) still trains A and B

@@ -147,13 +147,8 @@ fn cpu_get(s: &CpuStorage, i: usize) -> f32 {
 
 impl GemmEx for CpuStorage {
     fn output(&self, len: usize, dtype: DType) -> Result<Self> {
-        use super::cpu_output;
-        Ok(match dtype {
-            DType::F32 => CpuStorage::F32(cpu_output(len)),
-            DType::BF16 => CpuStorage::BF16(cpu_output(len)),
-            DType::F16 => CpuStorage::F16(cpu_output(len)),
-            other => candle_core::bail!("gemm_ex: unsupported dtype {other:?}"),
-        })
+        use candle_core::WithDType;
+        with_float_type!(dtype, "gemm_ex", T => Ok(T::to_cpu_storage_owned(super::cpu_output::<T>(len))))
     }
 
     /// The emulation: f32 accumulation over `k`, then `α·sum + β·c` in f32, rounded once (to nearest
@@ -194,14 +189,8 @@ impl GemmEx for CpuStorage {
 #[cfg(feature = "cuda")]
 impl GemmEx for candle_core::CudaStorage {
     fn output(&self, len: usize, dtype: DType) -> Result<Self> {
-        use super::cuda::output;
         let dev = &self.device;
-        Ok(match dtype {
-            DType::F32 => Self::wrap_cuda_slice(output::<f32>(dev, len)?, dev.clone()),
-            DType::BF16 => Self::wrap_cuda_slice(output::<half::bf16>(dev, len)?, dev.clone()),
-            DType::F16 => Self::wrap_cuda_slice(output::<half::f16>(dev, len)?, dev.clone()),
-            other => candle_core::bail!("gemm_ex: unsupported dtype {other:?}"),
-        })
+        with_float_type!(dtype, "gemm_ex", T => Ok(Self::wrap_cuda_slice(super::cuda::output::<T>(dev, len)?, dev.clone())))
     }
 
     fn gemm_ex(
