@@ -67,8 +67,8 @@ impl Gemm {
         dtypes: [DType; 3],
     ) -> Result<()> {
         let [at, bt, ct] = dtypes;
-        let half = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
-        if at != bt || !half(at) || !(ct == at || ct == DType::F32) {
+        let float = |d: DType| matches!(d, DType::BF16 | DType::F16 | DType::F32);
+        if at != bt || !float(at) || !(ct == at || ct == DType::F32) {
             candle_core::bail!(
                 "gemm_ex: operand dtypes {at:?}·{bt:?} -> {ct:?} (A and B alike; C the same or f32)"
             );
