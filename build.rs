@@ -7,7 +7,8 @@
 //! GPU machine; the binary needs no libnvrtc at run time and does not compile anything when it starts
 //! (the driver JIT-compiles the PTX for the card once, when the module is first loaded).
 //!
-//! Knobs: `CUDA_COMPUTE_CAP` (default 90 = H100/H200; the PTX targets `compute_<cap>`), `NVCC` (else
+//! Knobs: `CUDA_COMPUTE_CAP` (default 90 = H100/H200, at least 80; the PTX targets `compute_<cap>`,
+//! which the driver compiles for that GPU and newer ones), `NVCC` (else
 //! `$CUDA_ROOT/bin/nvcc`, else `nvcc` on PATH). `scripts/setup-cuda-build.sh` prints the exports.
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,16 @@ fn main() {
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR")).join("kernels");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
     let cap = cap.trim().trim_start_matches("sm_").trim_start_matches("compute_").replace('.', "");
+    // the flash-attention kernels' bf16 tensor-core tiles (wmma) and the bf16 arithmetic need Ampere
+    match cap.parse::<u32>() {
+        Ok(c) if c >= 80 => {}
+        _ => panic!(
+            "CUDA_COMPUTE_CAP={cap}: candor's kernels need compute capability 8.0 or newer (80 = A100, 86/89 = \
+             RTX 30xx/40xx, L4, 90 = H100/H200); set it to your GPU's (nvidia-smi --query-gpu=compute_cap --format=csv)"
+        ),
+    }
+    // `--device cuda` compares it with the GPU's (src/cli/cuda.rs): PTX for compute_XY runs on XY and newer
+    println!("cargo:rustc-env=CANDOR_CUDA_COMPUTE_CAP={cap}");
     let nvcc =
         std::env::var("NVCC").map(PathBuf::from).unwrap_or_else(|_| match std::env::var("CUDA_ROOT") {
             Ok(root) => Path::new(&root).join("bin/nvcc"),

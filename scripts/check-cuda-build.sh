@@ -29,6 +29,14 @@ for cu in kernels/*.cu; do
   [ -f "$ptx" ] || { echo "check-cuda-build: $ptx missing" >&2; exit 1; }
   ptxas -arch="sm_$CUDA_COMPUTE_CAP" "$ptx" -o /dev/null
 done
+# the oldest GPUs a build may target (CUDA_COMPUTE_CAP=80: A100; build.rs refuses less): our kernels
+# compile and assemble for them too
+ptx80=$(mktemp -d)
+for cu in kernels/*.cu; do
+  nvcc --ptx -arch=compute_80 -O3 -std=c++17 --expt-relaxed-constexpr -I kernels -o "$ptx80/k.ptx" "$cu"
+  ptxas -arch=sm_80 "$ptx80/k.ptx" -o /dev/null
+done
+rm -rf "$ptx80"
 
 bin=$CARGO_TARGET_DIR/release/candor
 # cudarc opens the CUDA libraries with dlopen and cudart is static (setup-cuda-build.sh): the binary
@@ -45,12 +53,22 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
   driver='int cuDriverGetVersion(int *v) { *v = VERSION; return 0; }'
   no_gpu='int cuInit(unsigned f) { return 100; } int cuGetErrorString(int e, const char **s) { *s = "no CUDA-capable device is detected"; return 0; }'
   lib driver-only libcuda.so.1 "${driver/VERSION/13000} $no_gpu"
-  for dir in old-driver no-gpu no-symbol; do for l in libcublasLt.so.13 libcublas.so.13 libcurand.so.10; do lib $dir $l "int unused;"; done; done
+  for dir in old-driver no-gpu no-symbol old-gpu turing; do for l in libcublasLt.so.13 libcublas.so.13 libcurand.so.10; do lib $dir $l "int unused;"; done; done
   lib old-driver libcuda.so.1 "${driver/VERSION/12040}"
   lib no-gpu libcuda.so.1 "${driver/VERSION/13000} $no_gpu"
   lib no-symbol libcuda.so.1 "${driver/VERSION/13000}"
-  for case in ":libcuda.so.1 not found" "driver-only:libcublasLt.so.13, libcublas.so.13, libcurand.so.10 not found" \
-      "old-driver:supports CUDA 12.4" "no-gpu:CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")); check" "no-symbol:Missing symbol cuInit"; do
+  # a GPU of compute capability MAJOR.MINOR (attribute 75 is the major version, 76 the minor)
+  gpu='int cuInit(unsigned f) { return 0; } int cuDeviceGet(int *d, int i) { *d = 0; return 0; }
+    int cuDeviceGetAttribute(int *v, int a, int d) { *v = a == 75 ? MAJOR : MINOR; return 0; }'
+  gpu() { local g=${gpu/MAJOR/$1}; echo "${g/MINOR/$2}"; }
+  lib old-gpu libcuda.so.1 "${driver/VERSION/13000} $(gpu 8 0)"
+  lib turing libcuda.so.1 "${driver/VERSION/13000} $(gpu 7 5)"
+  cases=(":libcuda.so.1 not found" "driver-only:libcublasLt.so.13, libcublas.so.13, libcurand.so.10 not found"
+    "old-driver:supports CUDA 12.4" "no-gpu:CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")); check"
+    "no-symbol:Missing symbol cuInit" "turing:this GPU has compute capability 7.5; candor's kernels need 8.0 (A100) or newer")
+  # an A100 under a build for a newer GPU (the default, 9.0)
+  [ "$CUDA_COMPUTE_CAP" -gt 80 ] && cases+=("old-gpu:this GPU has compute capability 8.0 and this candor's kernels were compiled for ${CUDA_COMPUTE_CAP:0:1}.${CUDA_COMPUTE_CAP:1} and newer; rebuild with CUDA_COMPUTE_CAP=80")
+  for case in "${cases[@]}"; do
     dir=${case%%:*}; want=${case#*:}
     set +e; err=$(LD_LIBRARY_PATH=${dir:+$fake/$dir} "$bin" selftest --device cuda 2>&1); rc=$?; set -e
     if [ $rc -ne 1 ] || [ "$(printf '%s\n' "$err" | wc -l)" -ne 1 ] || [[ $err != *"$want"* ]]; then

@@ -32,6 +32,54 @@ fn required_driver() -> i32 {
     major.parse::<i32>().unwrap_or(0) * 1000 + minor.parse::<i32>().unwrap_or(0) * 10
 }
 
+/// The compute capability the kernels' PTX targets (build.rs, `CUDA_COMPUTE_CAP`), as major·10 + minor.
+#[cfg(feature = "cuda")]
+fn built_for() -> i32 {
+    env!("CANDOR_CUDA_COMPUTE_CAP").parse().unwrap_or(0)
+}
+
+/// The first GPU's compute capability as major·10 + minor, or `None` when the driver cannot tell (then
+/// opening the device reports why).
+///
+/// # Safety
+/// The driver library is present (checked by the caller); a symbol it lacks panics inside cudarc.
+#[cfg(feature = "cuda")]
+unsafe fn gpu_capability() -> Option<i32> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ok = |r: sys::CUresult| r == sys::CUresult::CUDA_SUCCESS;
+    let mut device = 0;
+    if !ok(sys::cuInit(0)) || !ok(sys::cuDeviceGet(&mut device, 0)) {
+        return None;
+    }
+    let attribute = |a| {
+        let mut v = 0;
+        ok(sys::cuDeviceGetAttribute(&mut v, a, device)).then_some(v)
+    };
+    let major = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    Some(major * 10 + minor)
+}
+
+/// The one-line error for a GPU older than the kernels were compiled for, which would otherwise fail
+/// at the first kernel launch with the driver's "no kernel image" or "unsupported PTX".
+#[cfg(feature = "cuda")]
+fn too_old(gpu: i32, built: i32) -> Option<String> {
+    let version = |c: i32| format!("{}.{}", c / 10, c % 10);
+    if gpu < 80 {
+        return Some(format!(
+            "--device cuda: this GPU has compute capability {}; candor's kernels need 8.0 (A100) or newer",
+            version(gpu)
+        ));
+    }
+    (gpu < built).then(|| {
+        format!(
+            "--device cuda: this GPU has compute capability {} and this candor's kernels were compiled for {} and newer; rebuild with CUDA_COMPUTE_CAP={gpu} (scripts/check-cuda-build.sh, or cargo build --release --features cuda)",
+            version(gpu),
+            version(built)
+        )
+    })
+}
+
 #[cfg(feature = "cuda")]
 pub(super) fn open() -> anyhow::Result<Device> {
     use candle_core::cuda_backend::cudarc;
@@ -64,12 +112,22 @@ pub(super) fn open() -> anyhow::Result<Device> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     // (formatting a driver error calls into the driver too, so it happens inside)
-    let opened =
-        std::panic::catch_unwind(|| Device::new_cuda(0).map_err(|e| crate::error::one_line(&e.to_string())));
+    let opened = std::panic::catch_unwind(|| {
+        // SAFETY: the driver library is present (checked above)
+        if let Some(message) = unsafe { gpu_capability() }.and_then(|gpu| too_old(gpu, built_for())) {
+            return Err(message);
+        }
+        Device::new_cuda(0).map_err(|e| {
+            format!(
+                "--device cuda: no usable GPU ({}); check `nvidia-smi`",
+                crate::error::one_line(&e.to_string())
+            )
+        })
+    });
     std::panic::set_hook(hook);
     match opened {
         Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => anyhow::bail!("--device cuda: no usable GPU ({e}); check `nvidia-smi`"),
+        Ok(Err(message)) => anyhow::bail!(message),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()

@@ -292,7 +292,9 @@ pub(crate) mod cuda {
     pub fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
         // SAFETY: every element is written by the kernel that receives this buffer (which the
         // selftest checks by poisoning).
-        let mut buf = unsafe { dev.alloc::<T>(len)? };
+        // (at least one element: the driver refuses to allocate zero bytes, and a storage may be
+        // longer than its tensor)
+        let mut buf = unsafe { dev.alloc::<T>(len.max(1))? };
         if super::poison_outputs() {
             let stream = dev.cuda_stream();
             let bytes = buf.num_bytes();
