@@ -67,7 +67,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
     "old-driver:supports CUDA 12.4" "no-gpu:CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")); check"
     "no-symbol:Missing symbol cuInit" "turing:this GPU has compute capability 7.5; candor's kernels need 8.0 (A100) or newer")
   # an A100 under a build for a newer GPU (the default, 9.0)
-  [ "$CUDA_COMPUTE_CAP" -gt 80 ] && cases+=("old-gpu:this GPU has compute capability 8.0 and this candor's kernels were compiled for ${CUDA_COMPUTE_CAP:0:1}.${CUDA_COMPUTE_CAP:1} and newer; rebuild with CUDA_COMPUTE_CAP=80")
+  [ "$CUDA_COMPUTE_CAP" -gt 80 ] && cases+=("old-gpu:this GPU has compute capability 8.0 and this candor's kernels were compiled for $((CUDA_COMPUTE_CAP / 10)).$((CUDA_COMPUTE_CAP % 10)) and newer; rebuild with CUDA_COMPUTE_CAP=80")
   for case in "${cases[@]}"; do
     dir=${case%%:*}; want=${case#*:}
     set +e; err=$(LD_LIBRARY_PATH=${dir:+$fake/$dir} "$bin" selftest --device cuda 2>&1); rc=$?; set -e
