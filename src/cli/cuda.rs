@@ -62,7 +62,7 @@ unsafe fn gpu_capability() -> Option<i32> {
 
 /// The one-line error for a GPU older than the kernels were compiled for, which would otherwise fail
 /// at the first kernel launch with the driver's "no kernel image" or "unsupported PTX".
-#[cfg(feature = "cuda")]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn too_old(gpu: i32, built: i32) -> Option<String> {
     let version = |c: i32| format!("{}.{}", c / 10, c % 10);
     if gpu < 80 {
@@ -144,4 +144,29 @@ pub(super) fn open() -> anyhow::Result<Device> {
     anyhow::bail!(
         "--device cuda: this candor was built without CUDA; rebuild with `cargo build --release --features cuda` (see scripts/setup-cuda-build.sh for a machine without the CUDA toolkit)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::too_old;
+
+    #[test]
+    fn a_gpu_older_than_the_build_gets_the_value_to_rebuild_with() {
+        // PTX for compute_XY runs on XY and newer
+        for (gpu, built) in [(90, 90), (100, 90), (120, 80), (89, 86)] {
+            assert_eq!(too_old(gpu, built), None, "{gpu} under a build for {built}");
+        }
+        let a100 = too_old(80, 90).unwrap();
+        assert!(a100.contains("compute capability 8.0") && a100.contains("compiled for 9.0"), "{a100}");
+        assert!(a100.contains("rebuild with CUDA_COMPUTE_CAP=80"), "{a100}");
+        assert!(too_old(86, 89).unwrap().contains("CUDA_COMPUTE_CAP=86"));
+        assert!(too_old(90, 100).unwrap().contains("compiled for 10.0"));
+        // below Ampere nothing helps
+        let turing = too_old(75, 90).unwrap();
+        assert!(
+            turing.contains("7.5") && turing.contains("need 8.0") && !turing.contains("rebuild"),
+            "{turing}"
+        );
+        assert!(!turing.contains('\n') && !a100.contains('\n'));
+    }
 }
