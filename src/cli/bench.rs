@@ -145,6 +145,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let blas = model.device().is_cpu().then(crate::ops::openblas::describe);
     if let Some(blas) = &blas {
         println!("cpu matrix products: {blas}");
+        if let Some(note) = super::cpu_half_note(&format!("{:?}", model.dtype())) {
+            println!("{note}");
+        }
     }
     if args.alternate_blas {
         if !model.device().is_cpu() {

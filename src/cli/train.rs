@@ -29,6 +29,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     eprintln!("── resolved recipe ──\n{}────", recipe.to_toml());
     if recipe.model.device == "cpu" {
         eprintln!("cpu matrix products: {}", crate::ops::openblas::describe());
+        if let Some(note) = super::cpu_half_note(&recipe.model.dtype) {
+            eprintln!("{note}");
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
