@@ -72,7 +72,7 @@ pub(crate) fn cpu_half_note(dtype: &str) -> Option<String> {
     matches!(dtype, "bf16" | "f16" | "BF16" | "F16").then(|| {
         let d = dtype.to_lowercase();
         format!(
-            "note: {d} on the CPU stores tensors in {d} but multiplies in f32 through conversions: it saves memory and runs about 3x slower than f32, the CPU default (measured on SmolLM2's training step)"
+            "note: {d} on the CPU stores tensors in {d} but multiplies in f32 through conversions: it saves memory and runs 3-4x slower than f32, the CPU default (measured on SmolLM2's training step)"
         )
     })
 }
