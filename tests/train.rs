@@ -237,3 +237,80 @@ fn bench_alternates_openblas_and_gemm_in_one_process() {
     assert_eq!(code, 1);
     assert!(err.contains("--alternate-blas needs OpenBLAS"), "{err}");
 }
+
+/// `bench train-step --peft DIR`: candor's steps and the PEFT baseline run in turn, round by round, and
+/// the summary compares them. A stand-in interpreter plays PEFT (CI has no torch): it records how it
+/// was called and writes the baseline's JSON summary where it was asked to.
+#[test]
+fn bench_alternates_with_the_peft_baseline_and_checks_its_inputs_first() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("bench-peft");
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let calls = dir.join("calls.txt");
+    let python = dir.join("python");
+    let fake = format!(
+        r#"#!/bin/sh
+[ "$1" = "-c" ] && exit ${{IMPORT_FAILS:-0}}
+echo "$@" >> {calls}
+while [ $# -gt 0 ]; do [ "$1" = "--json" ] && out=$2; shift; done
+echo "  peft step 1: 0.100 s, 80.0 tokens/s, loss 5.0"
+echo '{{"tokens_per_s": 80.0, "median_step_s": 0.1, "peak_rss_bytes": 4000000000}}' > "$out"
+"#,
+        calls = calls.display()
+    );
+    std::fs::write(&python, fake).unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = fixtures().join("tiny-llama");
+    let json = dir.join("bench.json");
+    let (model, python, json) = (model.to_str().unwrap(), python.to_str().unwrap(), json.to_str().unwrap());
+    let base = ["bench", "train-step", model, "--batch", "1", "--seq-len", "8", "--steps", "2"];
+    let peft = ["--optimizer", "adamw", "--peft", model, "--python", python, "--rounds", "2", "--json", json];
+    let env = [("TMPDIR", tmp.to_str().unwrap())];
+    let (code, out, err) = candor(&[&base[..], &peft[..]].concat(), &env);
+    assert_eq!(code, 0, "{err}");
+    // two rounds: two candor steps, then the baseline, twice
+    let order: Vec<&str> = out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            (l.starts_with("step ") && !l.contains("warm-up"))
+                .then_some("candor")
+                .or(l.starts_with("peft round").then_some("peft"))
+        })
+        .collect();
+    assert_eq!(order, ["candor", "candor", "peft", "candor", "candor", "peft"], "{out}");
+    assert!(out.contains("round 2: candor") && out.contains("PEFT 80.0 tokens/s"), "{out}");
+    assert!(out.contains("candor vs transformers + PEFT, 2 alternated rounds"), "{out}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(calls.lines().count(), 2);
+    let want = format!(
+        "{model} --device cpu --dtype f32 --batch 1 --seq-len 8 --rank 16 --steps 2 --warmup 1 --json"
+    );
+    assert!(calls.lines().all(|l| l.contains(&want) && l.contains("bench-peft")), "{calls}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(summary["peft"]["ratios"].as_array().unwrap().len(), 2);
+    assert!(summary["peft"]["memory_ratio"].as_f64().unwrap() > 0.0);
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the script's temporary copy is removed");
+
+    // what is missing is said before anything is measured
+    let no_adamw = [&base[..], &peft[2..8]].concat();
+    let (code, _, err) = candor(&no_adamw, &env);
+    assert_eq!(code, 1);
+    assert!(err.contains("add --optimizer adamw"), "{err}");
+    let not_a_checkpoint = dir.to_str().unwrap();
+    let args =
+        [&base[..], &["--optimizer", "adamw", "--peft", not_a_checkpoint, "--python", python]].concat();
+    let (code, _, err) = candor(&args, &env);
+    assert_eq!(code, 1);
+    assert!(err.contains("no config.json there"), "{err}");
+    let (code, _, err) = candor(&[&base[..], &peft[..6]].concat(), &[("IMPORT_FAILS", "1")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot import torch, transformers and peft"), "{err}");
+    let missing =
+        [&base[..], &["--optimizer", "adamw", "--peft", model, "--python", "/nonexistent/python3"]].concat();
+    let (code, _, err) = candor(&missing, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot run /nonexistent/python3"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,6 +49,17 @@ pub struct BenchArgs {
     /// both alike; prints each one's median and their ratio.
     #[arg(long)]
     pub alternate_blas: bool,
+    /// train-step: also measure transformers + PEFT on the same work (scripts/bench_peft.py, built in;
+    /// needs --optimizer adamw), with the base weights from DIR (a transformers checkpoint of the same
+    /// model, e.g. an export's merged/): --rounds times candor's --steps, then PEFT's, in turn.
+    #[arg(long, value_name = "DIR")]
+    pub peft: Option<String>,
+    /// --peft: the Python that has torch, transformers and peft.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// --peft: how many times candor's steps and PEFT's run in turn.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 fn bench_data(args: &BenchArgs) -> anyhow::Result<()> {
@@ -163,6 +174,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             anyhow::bail!("bench: --alternate-blas needs --steps 2 or more (one step per variant at least)");
         }
     }
+    let peft = match &args.peft {
+        None => None,
+        Some(_) if args.alternate_blas => {
+            anyhow::bail!("bench: --peft and --alternate-blas are separate comparisons; pick one")
+        }
+        Some(_) if !adamw => anyhow::bail!(
+            "bench: --peft compares whole training steps, and PEFT's include AdamW: add --optimizer adamw"
+        ),
+        Some(_) if args.rounds == 0 => anyhow::bail!("bench: --rounds must be at least 1"),
+        Some(dir) => Some(super::bench_peft::PeftBench::new(
+            &args.python,
+            dir,
+            &args.model.device,
+            model.dtype(),
+            args.batch,
+            args.seq_len,
+            args.rank,
+            args.steps,
+        )?),
+    };
+    let rounds = if peft.is_some() { args.rounds } else { 1 };
+    let mut peft_runs = Vec::new();
     // measured step i (from 1) on gemm when alternating: A B B A A B B A ...
     let on_gemm = |step: usize| args.alternate_blas && step > 0 && matches!((step - 1) % 4, 1 | 2);
     let mut gemm_times = Vec::new();
@@ -171,7 +204,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if adamw { Some(AdamW::new(model.lora_vars(), AdamWConfig::default())?) } else { None };
     let mut peak_device_bytes = 0u64;
     let mut times = Vec::new();
-    for step in 0..=args.steps {
+    for step in 0..=args.steps * rounds {
         crate::ops::openblas::set_suspended(on_gemm(step));
         let start = Instant::now();
         let hidden = model.hidden_states(&batch, None, true)?;
@@ -211,12 +244,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else if step > 0 {
             times.push(s);
         }
+        if let Some(peft) = peft.as_ref().filter(|_| step > 0 && step % args.steps == 0) {
+            let run = peft.run()?;
+            println!(
+                "  peft round {}: median step {:.3} s = {:.1} tokens/s",
+                peft_runs.len() + 1,
+                run.median_step_s,
+                run.tokens_per_s
+            );
+            peft_runs.push(run);
+        }
     }
     crate::ops::openblas::set_suspended(false);
     let median_of = |t: &mut Vec<f64>| {
         t.sort_by(f64::total_cmp);
         t[t.len() / 2]
     };
+    // (the steps in the order they ran, for the per-round comparison with PEFT)
+    let in_order = times.clone();
     let median = median_of(&mut times);
     let alternation = (!gemm_times.is_empty()).then(|| {
         let gemm = median_of(&mut gemm_times);
@@ -230,6 +275,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         serde_json::json!({ "openblas_step_s": times, "gemm_step_s": gemm_times, "gemm_median_s": gemm })
     });
     let tokens_per_s = tokens as f64 / median;
+    let peft_summary =
+        (!peft_runs.is_empty()).then(|| compare_with_peft(&in_order, &peft_runs, tokens, &device));
     let device_note = if device.is_cuda() {
         format!(
             "; GPU memory in use (sampled after forward and backward) {:.2} GB",
@@ -262,11 +309,67 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "peak_device_memory_used_bytes": peak_device_bytes,
             "cpu_matrix_products": blas,
             "alternate_blas": alternation,
+            "peft": peft_summary,
         });
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
             .map_err(|e| anyhow::anyhow!("bench: cannot write {path}: {e}"))?;
     }
     Ok(())
+}
+
+/// Prints candor against PEFT round by round (each round's median step against PEFT's) and overall,
+/// and returns the same as JSON. Memory is compared on the CPU (peak RSS of each process); on a GPU the
+/// two programs count differently (see docs/gpu-results.md), so both figures are only printed.
+fn compare_with_peft(
+    times: &[f64],
+    runs: &[super::bench_peft::PeftRun],
+    tokens: usize,
+    device: &candle_core::Device,
+) -> serde_json::Value {
+    let sorted = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    // each round's step as the rest of the benchmark takes it (the upper median: the slower for an even
+    // count), and the ratios' true median
+    let per_round = times.len() / runs.len();
+    let candor: Vec<f64> = times.chunks(per_round).map(|c| tokens as f64 / sorted(c)[c.len() / 2]).collect();
+    let ratios: Vec<f64> = candor.iter().zip(runs).map(|(c, p)| c / p.tokens_per_s).collect();
+    for (i, ((c, p), r)) in candor.iter().zip(runs).zip(&ratios).enumerate() {
+        println!("round {}: candor {c:.1} tokens/s, PEFT {:.1} tokens/s: {r:.2}x", i + 1, p.tokens_per_s);
+    }
+    let ratio = {
+        let r = sorted(&ratios);
+        (r[(r.len() - 1) / 2] + r[r.len() / 2]) / 2.0
+    };
+    let peft_rss = runs.iter().map(|r| r.peak_rss_bytes).max().unwrap_or(0);
+    let memory_ratio = (device.is_cpu() && peft_rss > 0).then(|| peak_rss_bytes() as f64 / peft_rss as f64);
+    let memory = match memory_ratio {
+        Some(m) => format!(
+            "peak RSS {:.2} GB against {:.2} GB = {m:.2}x",
+            peak_rss_bytes() as f64 / 1e9,
+            peft_rss as f64 / 1e9
+        ),
+        None => format!(
+            "PEFT's torch.cuda.max_memory_reserved {:.2} GB (not comparable with candor's whole-GPU figure)",
+            runs.iter().map(|r| r.peak_reserved_bytes).max().unwrap_or(0) as f64 / 1e9
+        ),
+    };
+    println!(
+        "candor vs transformers + PEFT, {} alternated rounds: {:.2}x the tokens/s (median of the rounds' ratios); {memory}",
+        runs.len(),
+        ratio
+    );
+    serde_json::json!({
+        "rounds": runs.len(),
+        "candor_tokens_per_s": candor,
+        "peft_tokens_per_s": runs.iter().map(|r| r.tokens_per_s).collect::<Vec<_>>(),
+        "ratios": ratios,
+        "median_ratio": ratio,
+        "peft_peak_rss_bytes": peft_rss,
+        "memory_ratio": memory_ratio,
+    })
 }
 
 /// Device memory in use on the whole GPU (total − free, so it includes the CUDA context and

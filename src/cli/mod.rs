@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_peft;
 mod cuda;
 pub mod data;
 pub mod eval;
