@@ -391,3 +391,30 @@ pub fn peak_rss_bytes() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::bench_peft::PeftRun;
+
+    #[test]
+    fn each_round_is_compared_with_the_peft_run_after_it() {
+        let run = |tokens_per_s| PeftRun {
+            tokens_per_s,
+            median_step_s: 1.0,
+            peak_rss_bytes: 0,
+            peak_reserved_bytes: 0,
+        };
+        // steps in the order they ran: round 1 took 6, 4, 5 s, round 2 3, 1, 2 s (so sorting all the
+        // steps before splitting them into rounds would swap the rounds); 6 tokens a step
+        let times = [6.0, 4.0, 5.0, 3.0, 1.0, 2.0];
+        let summary = super::compare_with_peft(&times, &[run(1.2), run(1.5)], 6, &candle_core::Device::Cpu);
+        let numbers = |key: &str| -> Vec<f64> {
+            summary[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+        };
+        // each round's median step: 5 s and 2 s
+        assert_eq!(numbers("candor_tokens_per_s"), [1.2, 3.0]);
+        assert_eq!(numbers("ratios"), [1.0, 2.0]);
+        assert_eq!(summary["median_ratio"].as_f64(), Some(1.5));
+        assert!(summary["memory_ratio"].is_null(), "no PEFT memory figure, no ratio");
+    }
+}
