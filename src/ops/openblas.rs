@@ -117,13 +117,13 @@ fn open(name: &str) -> Result<Blas, String> {
         if sgemm.is_null() {
             return Err(format!("{name} has no cblas_sgemm"));
         }
-        // OpenBLAS runs its own threads: as many as rayon's (which `RAYON_NUM_THREADS` sets), not the
-        // core count, so both sides of the program agree on how many cores they may use.
+        // One OpenBLAS thread: `cpu_gemm` splits each product over rayon's threads itself (see
+        // `Product::on_blas`), so no OpenBLAS worker spins beside rayon's.
         let threads = rayon::current_num_threads();
         let set_threads = symbol(c"openblas_set_num_threads");
         if !set_threads.is_null() {
             let set_threads: unsafe extern "C" fn(c_int) = std::mem::transmute(set_threads);
-            set_threads(threads.min(c_int::MAX as usize) as c_int);
+            set_threads(1);
         }
         let config = symbol(c"openblas_get_config");
         let config = if config.is_null() {
@@ -134,7 +134,7 @@ fn open(name: &str) -> Result<Blas, String> {
         };
         Ok(Blas {
             sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sgemm),
-            description: format!("{name}{config}, {threads} threads"),
+            description: format!("{name}{config}, products split over {threads} threads"),
         })
     }
 }
@@ -154,46 +154,48 @@ fn operand(v: &View) -> Option<(c_int, c_int)> {
 }
 
 impl Blas {
-    /// `dst[offset..] (rows rs apart) = beta·lhs·rhs (+ dst if accumulate)`; false (nothing written) when
-    /// the layout is not one CBLAS takes. The caller has bounds-checked every view.
+    /// Whether CBLAS takes these operands and a destination with row stride `rs` (see [`operand`]);
+    /// sub-views keep the strides, so their products are accepted too.
+    pub fn accepts(&self, lhs: &View, rhs: &View, rs: usize) -> bool {
+        let dims = [lhs.rows, rhs.cols, lhs.cols, rs].map(c_int::try_from);
+        dims.iter().all(Result::is_ok) && operand(lhs).is_some() && operand(rhs).is_some() && rs >= rhs.cols
+    }
+
+    /// `dst (rows rs apart) = beta·lhs·rhs (+ dst if accumulate)`, on the calling thread. Does nothing
+    /// for operands that [`Blas::accepts`] refuses.
     ///
     /// # Safety
-    /// `lhs`, `rhs` and the `m × n` block of `dst` from `offset` with row stride `rs` are in bounds, and
-    /// `dst` does not overlap `lhs` or `rhs`.
-    #[allow(clippy::too_many_arguments)]
+    /// `lhs` and `rhs` are in bounds of their slices, the `m × n` block at `dst` with row stride `rs`
+    /// is writable, and it overlaps neither operand nor any block another thread writes meanwhile.
     pub unsafe fn product(
         &self,
         lhs: &View,
         rhs: &View,
         beta: f32,
-        dst: &mut [f32],
-        offset: usize,
+        dst: *mut f32,
         rs: usize,
         accumulate: bool,
-    ) -> bool {
-        let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-        let dims = (c_int::try_from(m), c_int::try_from(n), c_int::try_from(k), c_int::try_from(rs));
-        let (Ok(m), Ok(n), Ok(k), Ok(ldc)) = dims else { return false };
-        let (Some((ta, lda)), Some((tb, ldb))) = (operand(lhs), operand(rhs)) else { return false };
-        if ldc < n {
-            return false;
+    ) {
+        if !self.accepts(lhs, rhs, rs) {
+            return;
         }
+        let (Some((ta, lda)), Some((tb, ldb))) = (operand(lhs), operand(rhs)) else { return };
+        let int = |v: usize| v as c_int; // checked by `accepts`
         (self.sgemm)(
             ROW_MAJOR,
             ta,
             tb,
-            m,
-            n,
-            k,
+            int(lhs.rows),
+            int(rhs.cols),
+            int(lhs.cols),
             beta,
             lhs.data.as_ptr().add(lhs.offset),
             lda,
             rhs.data.as_ptr().add(rhs.offset),
             ldb,
             if accumulate { 1.0 } else { 0.0 },
-            dst.as_mut_ptr().add(offset),
-            ldc,
+            dst,
+            int(rs),
         );
-        true
     }
 }
