@@ -695,6 +695,7 @@ fn attention_matches_the_composed_reference() {
         (2, 9, 3, 33, 33, 64, true),
         // several blocks of 64 query rows, each computing only the keys its rows can see
         (2, 2, 1, 130, 130, 8, true),
+        (1, 6, 2, 97, 97, 16, true),
         (1, 2, 2, 70, 75, 4, true),
         (1, 1, 1, 65, 65, 3, false),
     ] {
