@@ -297,8 +297,10 @@ mod tests {
     fn openblas_products_match_gemm_and_a_naive_loop_in_every_layout() {
         let Some(blas) = blas() else { return };
         let data: Vec<f32> = (0..90_000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-        // taller than wide (split by rows over the threads) and wider than tall (by columns)
-        for (m, k, n) in [(67, 70, 65), (65, 70, 131)] {
+        // taller than wide (split by rows over the threads) and wider than tall (by columns); thin ones
+        // as the rank-r LoRA products are
+        for (m, k, n) in [(67, 70, 65), (65, 70, 131), (67, 70, 9), (9, 70, 131)] {
+            assert!(m.min(n).min(k) >= crate::ops::openblas::MIN_DIM);
             let ld = n + 5;
             // lhs as stored (rows 75 apart) or as a transpose; rhs likewise
             let lhs = [View::strided(&data, 5, m, k, 75), View::strided(&data, 9, k, m, 71).t()];

@@ -1,8 +1,9 @@
 //! OpenBLAS's `cblas_sgemm`, opened at run time, for the CPU products large enough to gain from it.
 //!
 //! On our 2-core AVX-512 Xeons OpenBLAS 0.3 ran the decoder's products at 1.1-1.7× the GFLOP/s of the
-//! `gemm` crate (1024×2048×8192: 114-132 against 75-89; the 128k-vocabulary head 119 against 74-77),
-//! and slower only on the thin rank-r LoRA products (1024×576×16: 0.75×), which stay on `gemm`.
+//! `gemm` crate (1024×2048×8192: 114-132 against 75-89; the 128k-vocabulary head 119 against 74-77).
+//! With its own threads it was slower on the thin rank-r LoRA products (1024×576×16: 0.75×); on one
+//! thread per call, split over rayon's threads by `cpu_gemm`, it is faster there too (see [`MIN_DIM`]).
 //! It is opened with `dlopen`, never linked: the binary runs where OpenBLAS is absent, on `gemm`.
 //!
 //! `CANDOR_BLAS` chooses: unset or `auto` opens `libopenblas.so.0` if the system has it (Debian:
@@ -15,8 +16,12 @@ use std::sync::OnceLock;
 
 use super::cpu_gemm::View;
 
-/// Products with a side shorter than this stay on `gemm` (the rank-r LoRA products, small heads).
-pub(crate) const MIN_DIM: usize = 64;
+/// Products with a side shorter than this stay on `gemm` (rank-4 LoRA products, tiny test shapes).
+/// The six rank-r products of SmolLM2's 210 LoRA layers took 0.30 s on OpenBLAS against 0.40 s on
+/// `gemm` at r = 16, and 0.26 against 0.31 s at r = 8 (a microbenchmark of the products alone); a whole
+/// training step with them on OpenBLAS ran 1.026×, 1.014× and 1.008× as fast (three runs alternating
+/// the two in one process).
+pub(crate) const MIN_DIM: usize = 8;
 
 type Sgemm = unsafe extern "C" fn(
     c_int,
