@@ -123,7 +123,10 @@ fn open(name: &str) -> Result<Blas, String> {
             return Err(format!("{name} has no cblas_sgemm"));
         }
         // One OpenBLAS thread: `cpu_gemm` splits each product over rayon's threads itself (see
-        // `Product::on_blas`), so no OpenBLAS worker spins beside rayon's.
+        // `Product::on_blas`), so no OpenBLAS worker spins beside rayon's. Those calls run at the same
+        // time on several threads, which OpenBLAS builds with threading or locking support take (Debian's
+        // pthread and OpenMP variants; the tests run them so). Another library named by `CANDOR_BLAS`
+        // keeps its own threading unless its variable (e.g. `MKL_NUM_THREADS=1`) says otherwise.
         let threads = rayon::current_num_threads();
         let set_threads = symbol(c"openblas_set_num_threads");
         if !set_threads.is_null() {
