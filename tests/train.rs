@@ -238,6 +238,50 @@ fn bench_alternates_openblas_and_gemm_in_one_process() {
     assert!(err.contains("--alternate-blas needs OpenBLAS"), "{err}");
 }
 
+/// `bench train-step --profile`: each op's time per measured step, largest first, and what is left
+/// for candle's work between them; the same in the JSON summary.
+#[test]
+fn bench_profiles_the_ops_of_a_training_step() {
+    let model = fixtures().join("tiny-llama");
+    let json = scratch("bench-profile").join("bench.json");
+    let args =
+        ["bench", "train-step", model.to_str().unwrap(), "--batch", "2", "--seq-len", "8", "--steps", "2"];
+    let more = ["--optimizer", "adamw", "--profile", "--json", json.to_str().unwrap()];
+    let (code, out, err) = candor(&[&args[..], &more[..]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("per-op wall time, mean of 2 measured steps"), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let profile = &summary["profile"];
+    let ops: Vec<&str> =
+        profile["ops"].as_array().unwrap().iter().map(|o| o["op"].as_str().unwrap()).collect();
+    for op in ["lora_linear", "attention", "lm_head_loss", "rms_norm", "rope", "swiglu", "adamw"] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+        assert!(out.lines().any(|l| l.trim_start().starts_with(op)), "{op} missing from the table:\n{out}");
+    }
+    let secs = |o: &serde_json::Value, k: &str| o[k].as_f64().unwrap();
+    let mut in_ops = 0.0;
+    for o in profile["ops"].as_array().unwrap() {
+        let (f, b, u) = (secs(o, "forward_s"), secs(o, "backward_s"), secs(o, "update_s"));
+        // the optimizer only updates; the LM head computes its gradient in the forward; the other ops
+        // run forward and backward
+        if o["op"] == "adamw" {
+            assert!(f == 0.0 && b == 0.0 && u > 0.0, "{o}");
+        } else if o["op"] == "lm_head_loss" {
+            assert!(f > 0.0 && b == 0.0 && u == 0.0, "{o}");
+        } else {
+            assert!(f > 0.0 && b > 0.0 && u == 0.0, "{o}");
+        }
+        in_ops += f + b + u;
+    }
+    // the ops run one after another inside the step: together they fit in it
+    let step = secs(profile, "mean_step_s");
+    assert!(in_ops <= step * 1.001 && secs(profile, "other_s") >= 0.0, "{in_ops} vs {step}");
+    // averaged over two variants it would mean nothing
+    let (code, _, err) = candor(&[&args[..], &["--profile", "--alternate-blas"][..]].concat(), &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--profile would average over both --alternate-blas variants"), "{err}");
+}
+
 /// `bench train-step --peft DIR`: candor's steps and the PEFT baseline run in turn, round by round, and
 /// the summary compares them. A stand-in interpreter plays PEFT (CI has no torch): it records how it
 /// was called and writes the baseline's JSON summary where it was asked to.

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// --peft: how many times candor's steps and PEFT's run in turn.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// train-step on the CPU: also print each op's wall time per measured step (forward, backward,
+    /// update) and what is left for candle's own work between the ops.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn bench_data(args: &BenchArgs) -> anyhow::Result<()> {
@@ -174,6 +178,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             anyhow::bail!("bench: --alternate-blas needs --steps 2 or more (one step per variant at least)");
         }
     }
+    if args.profile && !model.device().is_cpu() {
+        anyhow::bail!(
+            "bench: --profile times ops on the host, and on a GPU they only queue kernels; it needs --device cpu"
+        );
+    }
+    if args.profile && args.alternate_blas {
+        anyhow::bail!("bench: --profile would average over both --alternate-blas variants; pick one");
+    }
     let peft = match &args.peft {
         None => None,
         Some(_) if args.alternate_blas => {
@@ -206,6 +218,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut times = Vec::new();
     for step in 0..=args.steps * rounds {
         crate::ops::openblas::set_suspended(on_gemm(step));
+        if args.profile && step == 1 {
+            // the measured steps only, not the warm-up
+            crate::ops::profile::take();
+            crate::ops::profile::set_enabled(true);
+        }
         let start = Instant::now();
         let hidden = model.hidden_states(&batch, None, true)?;
         let (loss_sum, n) = model.loss_sum(&hidden, &batch.targets)?;
@@ -256,6 +273,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     crate::ops::openblas::set_suspended(false);
+    crate::ops::profile::set_enabled(false);
+    let profile = args.profile.then(|| print_profile(crate::ops::profile::take(), &times));
     let median_of = |t: &mut Vec<f64>| {
         t.sort_by(f64::total_cmp);
         t[t.len() / 2]
@@ -310,11 +329,56 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "cpu_matrix_products": blas,
             "alternate_blas": alternation,
             "peft": peft_summary,
+            "profile": profile,
         });
         std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
             .map_err(|e| anyhow::anyhow!("bench: cannot write {path}: {e}"))?;
     }
     Ok(())
+}
+
+/// Prints the ops' wall time per measured step (`steps`: their wall times) and returns it as JSON.
+fn print_profile(ops: Vec<crate::ops::profile::OpTime>, steps: &[f64]) -> serde_json::Value {
+    let n = steps.len().max(1) as f64;
+    let step = steps.iter().sum::<f64>() / n;
+    let in_ops = ops.iter().map(|t| t.total_s()).sum::<f64>() / n;
+    let share = |s: f64| if step > 0.0 { 100.0 * s / step } else { 0.0 };
+    println!("per-op wall time, mean of {} measured steps of {step:.3} s:", steps.len());
+    println!(
+        "  {:<16} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "op", "forward", "backward", "update", "total", "share"
+    );
+    let mut sorted = ops.clone();
+    sorted.sort_by(|a, b| b.total_s().total_cmp(&a.total_s()));
+    for t in &sorted {
+        let total = t.total_s() / n;
+        println!(
+            "  {:<16} {:>8.3}s {:>8.3}s {:>8.3}s {:>8.3}s {:>5.1}%",
+            t.op,
+            t.forward_s / n,
+            t.backward_s / n,
+            t.update_s / n,
+            total,
+            share(total)
+        );
+    }
+    let other = (step - in_ops).max(0.0);
+    println!(
+        "  {:<16} {:>38.3}s {:>5.1}%  (candle's ops between ours: residual adds, reshapes, embedding, gradient sums; the graph)",
+        "other",
+        other,
+        share(other)
+    );
+    serde_json::json!({
+        "mean_step_s": step,
+        "ops": sorted.iter().map(|t| serde_json::json!({
+            "op": t.op,
+            "forward_s": t.forward_s / n,
+            "backward_s": t.backward_s / n,
+            "update_s": t.update_s / n,
+        })).collect::<Vec<_>>(),
+        "other_s": other,
+    })
 }
 
 /// Prints candor against PEFT round by round (each round's median step against PEFT's) and overall,

@@ -27,6 +27,7 @@ use super::{cpu_f32, cpu_storage, simd};
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
 /// `[b, 1, t, keys]` (f32; added to the scores). Returns `[b, t, heads · d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _profile = super::profile::span("attention", super::profile::Phase::Forward);
     let (b, nh, t, d) = q.dims4()?;
     let (kb, nkv, tk, kd) = k.dims4()?;
     if kb != b || kd != d || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
@@ -182,6 +183,7 @@ impl CustomOp3 for Recompute {
         _out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = super::profile::span("attention", super::profile::Phase::Backward);
         let grads = chunked(q.dim(0)?, self.rows, |at, n| {
             let var = |x: &Tensor| Var::from_tensor(&x.detach().narrow(0, at, n)?);
             let (q, k, v) = (var(q)?, var(k)?, var(v)?);
@@ -488,6 +490,7 @@ impl CustomOp3 for Attention {
         out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = super::profile::span("attention", super::profile::Phase::Backward);
         let d_out = d_out.contiguous()?;
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();

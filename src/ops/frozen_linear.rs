@@ -21,6 +21,7 @@ struct FrozenLinear {
 
 /// `x [.., in] → [.., out]` with `weight [out, in]` and `bias [out]`, neither receiving a gradient.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _profile = super::profile::span("frozen_linear", super::profile::Phase::Forward);
     let (out_features, in_features) = weight.dims2()?;
     let x_in = x.dim(candle_core::D::Minus1)?;
     if x_in != in_features {
@@ -136,6 +137,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let _profile = super::profile::span("frozen_linear", super::profile::Phase::Backward);
         // dx = dy · W ; W is a constant here, so no weight gradient exists anywhere.
         let out_features = self.weight.dim(0)?;
         let in_features = self.weight.dim(1)?;

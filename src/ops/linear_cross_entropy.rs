@@ -41,6 +41,7 @@ const DEVICE_CHUNK_ELEMS: usize = 64 << 20;
 /// `labels: [rows]` (u32, all in range; on the CPU one outside is an error, in the CUDA kernel a NaN
 /// loss). Returns an f32 scalar.
 pub fn linear_cross_entropy_sum(h: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let _profile = super::profile::span("lm_head_loss", super::profile::Phase::Forward);
     let (rows, hidden) = h.dims2()?;
     let (vocab, w_hidden) = weight.dims2()?;
     if hidden != w_hidden || labels.dims() != [rows] {

@@ -74,6 +74,7 @@ impl LoraWeights<'_> {
     /// The layer on `x: [.., in]` as one op: the CPU f32 path where [`supported`]; on CUDA in bf16/f16
     /// the half-precision path; else the device-agnostic path. `mask` covers `x`'s elements.
     pub fn forward(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
+        let _profile = super::profile::span("lora_linear", super::profile::Phase::Forward);
         let path = if supported(x, self.weight, self.bias) {
             Path::Cpu
         } else if x.device().is_cuda() && half_path_applies(x) && half_on_cuda() {
@@ -273,6 +274,7 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         dy_t: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = super::profile::span("lora_linear", super::profile::Phase::Backward);
         match self.path {
             Path::Half => return self.half_bwd(x_t, dy_t),
             Path::Generic => return self.generic_bwd(x_t, a_t, b_t, dy_t),

@@ -51,6 +51,7 @@ mod gemm_ex;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod openblas;
+pub mod profile;
 pub mod rms_norm;
 pub mod rotary;
 mod simd;

@@ -18,6 +18,7 @@ use super::{contiguous, cpu_output, rows_per_task, Elem};
 
 /// RMSNorm of `x: [.., d]` with `weight: [d]` (same dtype as `x`). Non-contiguous inputs are copied.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let _profile = super::profile::span("rms_norm", super::profile::Phase::Forward);
     let d = x.dim(D::Minus1)?;
     if weight.dims() != [d] {
         candle_core::bail!("rms_norm: weight shape {:?} for input {:?}", weight.dims(), x.dims());
@@ -168,6 +169,7 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _profile = super::profile::span("rms_norm", super::profile::Phase::Backward);
         let dy = dy.contiguous()?;
         let dx = if x.track_op() {
             Some(x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps: self.eps })?)

@@ -50,6 +50,7 @@ impl RotaryTable {
 /// Rotates `x: [batch, seq, heads, head_dim]` by each token's position (`positions: [batch, seq]`,
 /// u32, each below `table.len()`). Non-contiguous `x` is copied first.
 pub fn rope(x: &Tensor, table: &RotaryTable, positions: &Tensor) -> Result<Tensor> {
+    let _profile = super::profile::span("rope", super::profile::Phase::Forward);
     let (b, t, _, d) = x.dims4()?;
     if d % 2 != 0 || table.cos.dims() != [table.len(), d / 2] || table.sin.dims() != table.cos.dims() {
         candle_core::bail!("rope: head_dim {d} and table {:?} do not fit", table.cos.dims());
@@ -188,6 +189,7 @@ impl CustomOp1 for Rotary {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let _profile = super::profile::span("rope", super::profile::Phase::Backward);
         let inverse = Rotary {
             cos: self.cos.clone(),
             sin: self.sin.clone(),

@@ -13,6 +13,7 @@ use super::{contiguous, cpu_output, Elem};
 
 /// `silu(gate) * up` for two tensors of the same shape and dtype. Non-contiguous inputs are copied.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let _profile = super::profile::span("swiglu", super::profile::Phase::Forward);
     if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
         candle_core::bail!(
             "swiglu: gate {:?} {:?} and up {:?} {:?} differ",
@@ -143,6 +144,7 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _profile = super::profile::span("swiglu", super::profile::Phase::Backward);
         if !gate.track_op() && !up.track_op() {
             return Ok((None, None));
         }

@@ -58,6 +58,7 @@ impl AdamW {
     /// [`Self::apply`] with every gradient multiplied by `grad_scale` first (gradient clipping), inside
     /// the update: bit for bit `apply` of `grad * grad_scale`, without a pass of its own.
     pub fn apply_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        let _profile = crate::ops::profile::span("adamw", crate::ops::profile::Phase::Update);
         let c = self.config;
         if grads.len() != self.params.len() {
             return Err(CandorError::msg(format!(
