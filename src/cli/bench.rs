@@ -348,7 +348,7 @@ fn print_profile(ops: Vec<crate::ops::profile::OpTime>, steps: &[f64]) -> serde_
         "  {:<16} {:>9} {:>9} {:>9} {:>9} {:>6}",
         "op", "forward", "backward", "update", "total", "share"
     );
-    let mut sorted = ops.clone();
+    let mut sorted = ops;
     sorted.sort_by(|a, b| b.total_s().total_cmp(&a.total_s()));
     for t in &sorted {
         let total = t.total_s() / n;
