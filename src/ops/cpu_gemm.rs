@@ -40,11 +40,6 @@ impl<'a> View<'a> {
         View { offset: self.offset + first * self.rs, rows: count, ..self }
     }
 
-    /// The first `count` columns.
-    pub fn first_cols(self, count: usize) -> Self {
-        View { cols: count, ..self }
-    }
-
     /// Columns `first..first + count`.
     pub fn col_range(self, first: usize, count: usize) -> Self {
         View { offset: self.offset + first * self.cs, cols: count, ..self }
@@ -273,7 +268,7 @@ mod tests {
         }
         // sub-blocks: rows 1..3 of a times the first 4 columns of b
         let mut dst = vec![0f32; 8];
-        product(a.row_range(1, 2), b.first_cols(4)).write(&mut dst, 0, 4);
+        product(a.row_range(1, 2), b.col_range(0, 4)).write(&mut dst, 0, 4);
         for i in 0..2 {
             for j in 0..4 {
                 assert!((dst[i * 4 + j] - want[(i + 1) * n + j]).abs() < 1e-5);
