@@ -696,6 +696,9 @@ fn attention_matches_the_composed_reference() {
         // several blocks of 64 query rows, each computing only the keys its rows can see
         (2, 2, 1, 130, 130, 8, true),
         (1, 6, 2, 97, 97, 16, true),
+        // on 2 threads, 3 KV-head tasks would not spread evenly: a task per query head, whose K and V
+        // gradients are summed across tasks (on 1 or 3 threads, a task per KV head)
+        (1, 6, 3, 70, 70, 8, true),
         (1, 2, 2, 70, 75, 4, true),
         (1, 1, 1, 65, 65, 3, false),
     ] {
