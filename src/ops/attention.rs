@@ -402,7 +402,8 @@ impl<'a> Ctx<'a> {
     fn backward_task(
         &self,
         n: usize,
-        (h0, count): (usize, usize),
+        h0: usize,
+        count: usize,
         o: &[f32],
         go: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -542,7 +543,7 @@ impl CustomOp3 for Attention {
             let per_row = nh / per_task;
             let grads: Vec<_> = (0..b * per_row)
                 .into_par_iter()
-                .map(|task| ctx.backward_task(task / per_row, ((task % per_row) * per_task, per_task), o, go))
+                .map(|task| ctx.backward_task(task / per_row, (task % per_row) * per_task, per_task, o, go))
                 .collect();
             Ok((grads, per_task))
         })?;
