@@ -512,15 +512,16 @@ fn bit_mask_dropout_equals_the_composed_mask_exactly() {
 fn lora_linear_matches_the_composed_layer() {
     use candor::ops::lora_linear::{DropoutMask, LoraWeights};
     let mut rng = Inputs::new();
-    // (x dims, out, r, bias, dropout)
-    for (dims, out, r, bias, dropout) in [
-        (vec![1, 5], 3, 1, false, false),
-        (vec![2, 7, 9], 11, 4, true, false),
-        (vec![3, 13, 17], 6, 3, false, true),
-        (vec![1, 33, 40], 24, 16, true, true),
-        (vec![2, 19, 40], 23, 16, false, false),
+    // (x dims, out, r, bias, dropout, onto a residual)
+    for (dims, out, r, bias, dropout, onto) in [
+        (vec![1, 5], 3, 1, false, false, false),
+        (vec![2, 7, 9], 11, 4, true, false, true),
+        (vec![3, 13, 17], 6, 3, false, true, false),
+        (vec![1, 33, 40], 24, 16, true, true, true),
+        (vec![2, 19, 40], 23, 16, false, false, false),
+        (vec![3, 11, 20], 20, 5, false, true, true),
         // the selftest's shape, whose bf16/f16 rows run the half path on a GPU at the same tolerance
-        (vec![2, 37, 96], 80, 8, false, false),
+        (vec![2, 37, 96], 80, 8, false, false, false),
     ] {
         let inp = *dims.last().unwrap();
         let x = rng.var(&dims, 1.0);
@@ -531,18 +532,35 @@ fn lora_linear_matches_the_composed_layer() {
         let bias = bias.then_some(&bias_t);
         let n: usize = dims.iter().product();
         let mask = dropout.then(|| DropoutMask::draw(n, 1.25, || rng.rng.random::<f64>() < 0.8));
-        let what = format!("lora_linear {dims:?}→{out} r={r} bias={} dropout={dropout}", bias.is_some());
-        let inputs = [x, a, b];
+        let what = format!(
+            "lora_linear {dims:?}→{out} r={r} bias={} dropout={dropout} residual={onto}",
+            bias.is_some()
+        );
+        let mut inputs = vec![x, a, b];
+        if onto {
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().unwrap() = out;
+            inputs.push(rng.var(&out_dims, 1.0));
+        }
         check(
             &what,
             &mut rng,
             &inputs,
             DType::F32,
             &plain,
-            |t| LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.forward(&t[0], mask.clone()),
             |t| {
-                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }
-                    .reference(&t[0], mask.as_ref())
+                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.forward_onto(
+                    &t[0],
+                    t.get(3),
+                    mask.clone(),
+                )
+            },
+            |t| {
+                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.reference_onto(
+                    &t[0],
+                    t.get(3),
+                    mask.as_ref(),
+                )
             },
         );
         // what CUDA runs: the device-agnostic path in f32 and with a bf16 base, and the half-precision
@@ -568,8 +586,8 @@ fn lora_linear_matches_the_composed_layer() {
                     let (a, b) = (t[1].to_dtype(DType::F32)?, t[2].to_dtype(DType::F32)?);
                     let weights = LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
                     match path {
-                        "half" => weights.forward_half(&t[0], mask.clone()),
-                        _ => weights.forward_generic(&t[0], mask.clone()),
+                        "half" => weights.forward_half(&t[0], t.get(3), mask.clone()),
+                        _ => weights.forward_generic(&t[0], t.get(3), mask.clone()),
                     }
                 },
                 |t| {
@@ -580,7 +598,7 @@ fn lora_linear_matches_the_composed_layer() {
                         b: &t[2],
                         scale: 1.5,
                     };
-                    weights.reference(&t[0], mask.as_ref())
+                    weights.reference_onto(&t[0], t.get(3), mask.as_ref())
                 },
             );
         }
@@ -616,7 +634,7 @@ fn lora_linear_matches_the_composed_layer() {
     let dy = rng.tensor(&[40, 5], 1.0).to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
     let sum =
         |y: Tensor| (y.to_dtype(DType::F32).unwrap() * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = sum(half.forward_half(&x16, None).unwrap());
+    let g = sum(half.forward_half(&x16, None, None).unwrap());
     let g_ref = sum(rounded.reference(&x16.to_dtype(DType::F32).unwrap(), None).unwrap());
     for v in [&ar, &br] {
         let got = g.get(v).unwrap();
@@ -629,7 +647,7 @@ fn lora_linear_matches_the_composed_layer() {
     let view = big.as_tensor().narrow(0, 3, 4).unwrap();
     let copy = Var::from_tensor(&view.copy().unwrap()).unwrap();
     let run = |x: &Tensor| {
-        let y = half.forward_half(x, None).unwrap();
+        let y = half.forward_half(x, None, None).unwrap();
         let g = y.to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         (y, g)
     };
@@ -653,14 +671,18 @@ fn lora_linear_matches_the_composed_layer() {
         0.0,
     );
     // it takes only bf16/f16 inputs
-    assert!(weights.forward_half(&x, None).is_err(), "f32 input on the half path");
+    assert!(weights.forward_half(&x, None, None).is_err(), "f32 input on the half path");
     // operands that do not fit are an error, on both paths
     let swapped = LoraWeights { a: b.as_tensor(), b: a.as_tensor(), ..weights };
-    assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, None).is_err());
+    assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, None, None).is_err());
     let a16 = a.as_tensor().to_dtype(DType::BF16).unwrap();
     assert!(LoraWeights { a: &a16, ..weights }.forward(&x, None).is_err(), "A must be f32");
     let (long_x, short) = (rng.tensor(&[20, 6], 1.0), DropoutMask::draw(10, 1.25, || true));
     assert!(weights.forward(&long_x, Some(short)).is_err(), "mask shorter than the input");
+    // a residual of another shape or dtype is an error
+    for res in [rng.tensor(&[4, 6], 1.0), rng.tensor(&[4, 5], 1.0).to_dtype(DType::BF16).unwrap()] {
+        assert!(weights.forward_onto(&x, Some(&res), None).is_err(), "residual {:?}", res.dims());
+    }
 }
 
 /// `[b, 1, t, keys]` additive bias: causal over the last `t` keys (earlier keys are a cache), with

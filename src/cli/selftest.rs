@@ -160,8 +160,9 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
     }
     // with and without dropout; on CUDA, bf16/f16 run the half-precision path's cuBLAS GemmEx calls
     // (with dropout also its masked branch input and masked dx) and f32 the generic path
-    cases.push(lora_case(rng, (2, 37, 96), 80, 8, true)?);
-    cases.push(lora_case(rng, (2, 37, 96), 80, 8, false)?);
+    cases.push(lora_case(rng, (2, 37, 96), 80, 8, true, false)?);
+    cases.push(lora_case(rng, (2, 37, 96), 80, 8, false, false)?);
+    cases.push(lora_case(rng, (2, 37, 96), 80, 8, true, true)?);
     // On CUDA in bf16/f16, head dimensions 64 and 128 run the flash kernels (kernels/flash_attention.cu;
     // 70 rows: two query tiles, one partly filled) and 32 the recomputing composed path; the last case
     // is that path one batch row per pass, as a large batch goes.
@@ -183,6 +184,7 @@ fn lora_case(
     out: usize,
     r: usize,
     dropout: bool,
+    residual: bool,
 ) -> anyhow::Result<Case> {
     let mask =
         dropout.then(|| ops::dropout::DropoutMask::draw(b * t * inp, 1.25, || rng.random::<f64>() < 0.8));
@@ -190,24 +192,38 @@ fn lora_case(
     let f32s = |a: &[Tensor]| -> candle_core::Result<(Tensor, Tensor)> {
         Ok((a[2].to_dtype(DType::F32)?, a[3].to_dtype(DType::F32)?))
     };
+    let mut inputs = vec![
+        input("x", &[b, t, inp], 1.0, true),
+        input("weight", &[out, inp], 0.2, false),
+        input("A", &[r, inp], 0.3, true),
+        input("B", &[out, r], 0.3, true),
+    ];
+    if residual {
+        inputs.push(input("residual", &[b, t, out], 1.0, true));
+    }
     Ok(Case {
         tol_bf16: 1e-2,
-        op: format!("lora_linear [{b},{t},{inp}]->{out} r={r}{}", if dropout { " dropout" } else { "" }),
-        inputs: vec![
-            input("x", &[b, t, inp], 1.0, true),
-            input("weight", &[out, inp], 0.2, false),
-            input("A", &[r, inp], 0.3, true),
-            input("B", &[out, r], 0.3, true),
-        ],
+        op: format!(
+            "lora_linear [{b},{t},{inp}]->{out} r={r}{}{}",
+            if dropout { " dropout" } else { "" },
+            if residual { " onto residual" } else { "" }
+        ),
+        inputs,
         ours: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
-            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }
-                .forward(&a[0], mask.clone())
+            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }.forward_onto(
+                &a[0],
+                a.get(4),
+                mask.clone(),
+            )
         }),
         reference: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
-            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }
-                .reference(&a[0], mask2.as_ref())
+            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }.reference_onto(
+                &a[0],
+                a.get(4),
+                mask2.as_ref(),
+            )
         }),
     })
 }

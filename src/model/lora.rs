@@ -198,7 +198,24 @@ impl LoraLinear {
 
     /// `dropout_rng` is `Some` in training mode.
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
-        let Some(lora) = &self.lora else { return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?) };
+        self.forward_onto(x, None, dropout_rng)
+    }
+
+    /// `residual + self(x)`; with an adapter, one op that never materialises `self(x)` on its own (see
+    /// [`LoraWeights::forward_onto`]).
+    pub fn forward_onto(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        dropout_rng: Option<&mut DropoutRng>,
+    ) -> Result<Tensor> {
+        let Some(lora) = &self.lora else {
+            let y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
+            return Ok(match residual {
+                Some(res) => (res + y)?,
+                None => y,
+            });
+        };
         // one draw per input element, in order, whichever path runs: the same seed gives the same masks
         let mask = match (dropout_rng, lora.dropout > 0.0) {
             (Some(rng), true) => Some(DropoutMask::draw_below(x.elem_count(), 1.0 - lora.dropout, rng)),
@@ -213,7 +230,7 @@ impl LoraLinear {
         };
         let weights =
             LoraWeights { weight: &self.weight, bias: self.bias.as_ref(), a: &a, b: &b, scale: lora.scale };
-        Ok(weights.forward(x, mask)?)
+        Ok(weights.forward_onto(x, residual, mask)?)
     }
 
     /// `W + scale · B·A`, computed in f32 (the merge used by export). A and B enter detached: taken

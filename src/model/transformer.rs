@@ -387,14 +387,14 @@ impl Transformer {
             None => (k, v),
         };
         let attn = attention(&q, &k, &v, bias)?; // [b, t, nh · hd]
-        let x = (x + a.o_proj.forward(&attn, rng.as_deref_mut())?)?;
+        let x = a.o_proj.forward_onto(&attn, Some(x), rng.as_deref_mut())?;
 
         let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
         let m = &layer.mlp;
         let gate = m.gate_proj.forward(&h, rng.as_deref_mut())?;
         let up = m.up_proj.forward(&h, rng.as_deref_mut())?;
         let act = swiglu(&gate, &up)?;
-        Ok((x + m.down_proj.forward(&act, rng)?)?)
+        m.down_proj.forward_onto(&act, Some(&x), rng)
     }
 
     /// The rotary table for positions `0..=max(position_ids)` (f32, shared by every layer of this
