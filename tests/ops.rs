@@ -510,18 +510,26 @@ fn bit_mask_dropout_equals_the_composed_mask_exactly() {
 
 #[test]
 fn lora_linear_matches_the_composed_layer() {
-    use candor::ops::lora_linear::{DropoutMask, LoraWeights};
+    use candor::ops::lora_linear::{DropoutMask, Epilogue, LoraWeights};
     let mut rng = Inputs::new();
-    // (x dims, out, r, bias, dropout, onto a residual)
-    for (dims, out, r, bias, dropout, onto) in [
-        (vec![1, 5], 3, 1, false, false, false),
-        (vec![2, 7, 9], 11, 4, true, false, true),
-        (vec![3, 13, 17], 6, 3, false, true, false),
-        (vec![1, 33, 40], 24, 16, true, true, true),
-        (vec![2, 19, 40], 23, 16, false, false, false),
-        (vec![3, 11, 20], 20, 5, false, true, true),
+    // what the op does with its output: nothing, adds a residual, or rotates heads of this width
+    #[derive(Clone, Copy)]
+    enum Then {
+        Nothing,
+        Residual,
+        Rotate(usize),
+    }
+    // (x dims, out, r, bias, dropout, then)
+    for (dims, out, r, bias, dropout, then) in [
+        (vec![1, 5], 3, 1, false, false, Then::Nothing),
+        (vec![2, 7, 9], 11, 4, true, false, Then::Residual),
+        (vec![3, 13, 17], 6, 3, false, true, Then::Rotate(2)),
+        (vec![1, 33, 40], 24, 16, true, true, Then::Residual),
+        (vec![2, 19, 40], 23, 16, false, false, Then::Nothing),
+        (vec![3, 11, 20], 20, 5, false, true, Then::Residual),
+        (vec![2, 19, 40], 24, 8, true, false, Then::Rotate(8)),
         // the selftest's shape, whose bf16/f16 rows run the half path on a GPU at the same tolerance
-        (vec![2, 37, 96], 80, 8, false, false, false),
+        (vec![2, 37, 96], 80, 8, false, false, Then::Nothing),
     ] {
         let inp = *dims.last().unwrap();
         let x = rng.var(&dims, 1.0);
@@ -533,14 +541,32 @@ fn lora_linear_matches_the_composed_layer() {
         let n: usize = dims.iter().product();
         let mask = dropout.then(|| DropoutMask::draw(n, 1.25, || rng.rng.random::<f64>() < 0.8));
         let what = format!(
-            "lora_linear {dims:?}→{out} r={r} bias={} dropout={dropout} residual={onto}",
-            bias.is_some()
+            "lora_linear {dims:?}→{out} r={r} bias={} dropout={dropout} then {}",
+            bias.is_some(),
+            match then {
+                Then::Nothing => "nothing".into(),
+                Then::Residual => "a residual".into(),
+                Then::Rotate(d) => format!("rotate heads of {d}"),
+            }
         );
         let mut inputs = vec![x, a, b];
-        if onto {
+        if let Then::Residual = then {
             let mut out_dims = dims.clone();
             *out_dims.last_mut().unwrap() = out;
             inputs.push(rng.var(&out_dims, 1.0));
+        }
+        // positions [b, t] of packed rows and a table covering them, for the rotations
+        let (rows, t) = (dims[0], dims[dims.len() - 2]);
+        let positions = packed_positions(&mut rng, rows, t);
+        let half = if let Then::Rotate(d) = then { d / 2 } else { 1 };
+        let tab = table(&mut rng, half, *positions.iter().max().unwrap() as usize + 1);
+        let pos = Tensor::from_vec(positions, (rows, t), &Device::Cpu).unwrap();
+        fn epilogue<'a>(then: Then, t: &'a [Tensor], tab: &'a RotaryTable, pos: &'a Tensor) -> Epilogue<'a> {
+            match then {
+                Then::Nothing => Epilogue::None,
+                Then::Residual => Epilogue::Residual(&t[3]),
+                Then::Rotate(d) => Epilogue::Rotate { table: tab, positions: pos, head_dim: d },
+            }
         }
         check(
             &what,
@@ -549,16 +575,16 @@ fn lora_linear_matches_the_composed_layer() {
             DType::F32,
             &plain,
             |t| {
-                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.forward_onto(
+                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.forward_then(
                     &t[0],
-                    t.get(3),
+                    epilogue(then, t, &tab, &pos),
                     mask.clone(),
                 )
             },
             |t| {
-                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.reference_onto(
+                LoraWeights { weight: &w, bias, a: &t[1], b: &t[2], scale: 1.5 }.reference_then(
                     &t[0],
-                    t.get(3),
+                    epilogue(then, t, &tab, &pos),
                     mask.as_ref(),
                 )
             },
@@ -586,8 +612,8 @@ fn lora_linear_matches_the_composed_layer() {
                     let (a, b) = (t[1].to_dtype(DType::F32)?, t[2].to_dtype(DType::F32)?);
                     let weights = LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
                     match path {
-                        "half" => weights.forward_half(&t[0], t.get(3), mask.clone()),
-                        _ => weights.forward_generic(&t[0], t.get(3), mask.clone()),
+                        "half" => weights.forward_half(&t[0], epilogue(then, t, &tab, &pos), mask.clone()),
+                        _ => weights.forward_generic(&t[0], epilogue(then, t, &tab, &pos), mask.clone()),
                     }
                 },
                 |t| {
@@ -598,7 +624,7 @@ fn lora_linear_matches_the_composed_layer() {
                         b: &t[2],
                         scale: 1.5,
                     };
-                    weights.reference_onto(&t[0], t.get(3), mask.as_ref())
+                    weights.reference_then(&t[0], epilogue(then, t, &tab, &pos), mask.as_ref())
                 },
             );
         }
@@ -634,7 +660,7 @@ fn lora_linear_matches_the_composed_layer() {
     let dy = rng.tensor(&[40, 5], 1.0).to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
     let sum =
         |y: Tensor| (y.to_dtype(DType::F32).unwrap() * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = sum(half.forward_half(&x16, None, None).unwrap());
+    let g = sum(half.forward_half(&x16, Epilogue::None, None).unwrap());
     let g_ref = sum(rounded.reference(&x16.to_dtype(DType::F32).unwrap(), None).unwrap());
     for v in [&ar, &br] {
         let got = g.get(v).unwrap();
@@ -647,7 +673,7 @@ fn lora_linear_matches_the_composed_layer() {
     let view = big.as_tensor().narrow(0, 3, 4).unwrap();
     let copy = Var::from_tensor(&view.copy().unwrap()).unwrap();
     let run = |x: &Tensor| {
-        let y = half.forward_half(x, None, None).unwrap();
+        let y = half.forward_half(x, Epilogue::None, None).unwrap();
         let g = y.to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         (y, g)
     };
@@ -671,18 +697,38 @@ fn lora_linear_matches_the_composed_layer() {
         0.0,
     );
     // it takes only bf16/f16 inputs
-    assert!(weights.forward_half(&x, None, None).is_err(), "f32 input on the half path");
+    assert!(weights.forward_half(&x, Epilogue::None, None).is_err(), "f32 input on the half path");
     // operands that do not fit are an error, on both paths
     let swapped = LoraWeights { a: b.as_tensor(), b: a.as_tensor(), ..weights };
-    assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, None, None).is_err());
+    assert!(swapped.forward(&x, None).is_err() && swapped.forward_generic(&x, Epilogue::None, None).is_err());
     let a16 = a.as_tensor().to_dtype(DType::BF16).unwrap();
     assert!(LoraWeights { a: &a16, ..weights }.forward(&x, None).is_err(), "A must be f32");
     let (long_x, short) = (rng.tensor(&[20, 6], 1.0), DropoutMask::draw(10, 1.25, || true));
     assert!(weights.forward(&long_x, Some(short)).is_err(), "mask shorter than the input");
     // a residual of another shape or dtype is an error
     for res in [rng.tensor(&[4, 6], 1.0), rng.tensor(&[4, 5], 1.0).to_dtype(DType::BF16).unwrap()] {
-        assert!(weights.forward_onto(&x, Some(&res), None).is_err(), "residual {:?}", res.dims());
+        assert!(
+            weights.forward_then(&x, Epilogue::Residual(&res), None).is_err(),
+            "residual {:?}",
+            res.dims()
+        );
     }
+    // so is a rotation of outputs that are not whole heads, of a table for another head width, or by
+    // positions of another shape
+    let x3 = x.reshape((1, 4, 6)).unwrap();
+    let pos = Tensor::from_vec(vec![0u32, 1, 2, 3], (1, 4), &Device::Cpu).unwrap();
+    let (tab2, tab4) = (table(&mut rng, 1, 4), table(&mut rng, 2, 4));
+    for (tab, pos, d) in [(&tab2, &pos, 2), (&tab4, &pos, 2), (&tab2, &pos.reshape((4, 1)).unwrap(), 2)] {
+        let then = Epilogue::Rotate { table: tab, positions: pos, head_dim: d };
+        let w6 = rng.tensor(&[6, 6], 0.5);
+        let b6 = rng.var(&[6, 2], 0.5);
+        let six = LoraWeights { weight: &w6, b: b6.as_tensor(), ..weights };
+        assert!(
+            six.forward_then(&x3, then, None).is_ok() == (std::ptr::eq(tab, &tab2) && pos.dims() == [1, 4])
+        );
+    }
+    let five = Epilogue::Rotate { table: &tab4, positions: &pos, head_dim: 4 };
+    assert!(weights.forward_then(&x3, five, None).is_err(), "5 outputs are not heads of 4");
 }
 
 /// `[b, 1, t, keys]` additive bias: causal over the last `t` keys (earlier keys are a cache), with

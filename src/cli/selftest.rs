@@ -80,16 +80,25 @@ fn packed_positions(rng: &mut ChaCha8Rng, rows: usize, t: usize) -> Vec<u32> {
     out
 }
 
+/// A rotary table for heads of `d` and positions `[b, t]` of packed rows.
+fn rotation(
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+    (b, t, d): (usize, usize, usize),
+) -> anyhow::Result<(RotaryTable, Tensor)> {
+    let positions = packed_positions(rng, b, t);
+    let len = *positions.iter().max().unwrap() as usize + 1;
+    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1e6f32.powf(-2.0 * i as f32 / d as f32)).collect();
+    let table = RotaryTable::new(&Tensor::new(inv_freq, dev)?, len)?;
+    Ok((table, Tensor::from_vec(positions, (b, t), dev)?))
+}
+
 fn rope_case(
     rng: &mut ChaCha8Rng,
     dev: &Device,
     (b, t, h, d): (usize, usize, usize, usize),
 ) -> anyhow::Result<Case> {
-    let positions = packed_positions(rng, b, t);
-    let len = *positions.iter().max().unwrap() as usize + 1;
-    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1e6f32.powf(-2.0 * i as f32 / d as f32)).collect();
-    let table = RotaryTable::new(&Tensor::new(inv_freq, dev)?, len)?;
-    let pos = Tensor::from_vec(positions, (b, t), dev)?;
+    let (table, pos) = rotation(rng, dev, (b, t, d))?;
     let (table2, pos2) = (table.clone(), pos.clone());
     Ok(Case {
         tol_bf16: 1e-2,
@@ -160,9 +169,11 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
     }
     // with and without dropout; on CUDA, bf16/f16 run the half-precision path's cuBLAS GemmEx calls
     // (with dropout also its masked branch input and masked dx) and f32 the generic path
-    cases.push(lora_case(rng, (2, 37, 96), 80, 8, true, false)?);
-    cases.push(lora_case(rng, (2, 37, 96), 80, 8, false, false)?);
-    cases.push(lora_case(rng, (2, 37, 96), 80, 8, true, true)?);
+    // and with each epilogue: onto a residual, rotating heads of 16
+    cases.push(lora_case(rng, dev, (2, 37, 96), 80, 8, true, Then::Nothing)?);
+    cases.push(lora_case(rng, dev, (2, 37, 96), 80, 8, false, Then::Nothing)?);
+    cases.push(lora_case(rng, dev, (2, 37, 96), 80, 8, true, Then::Residual)?);
+    cases.push(lora_case(rng, dev, (2, 37, 96), 80, 8, false, Then::Rotate(16))?);
     // On CUDA in bf16/f16, head dimensions 64 and 128 run the flash kernels (kernels/flash_attention.cu;
     // 70 rows: two query tiles, one partly filled) and 32 the recomputing composed path; the last case
     // is that path one batch row per pass, as a large batch goes.
@@ -177,14 +188,24 @@ fn cases(rng: &mut ChaCha8Rng, dev: &Device) -> anyhow::Result<Vec<Case>> {
     Ok(cases)
 }
 
+/// What a [`lora_case`] does with the layer's output ([`ops::Epilogue`]).
+#[derive(Clone, Copy)]
+enum Then {
+    Nothing,
+    Residual,
+    /// Rotate heads of this width.
+    Rotate(usize),
+}
+
 /// LoRA layer, with or without dropout; A and B are f32 whatever the base dtype, as in the model.
 fn lora_case(
     rng: &mut ChaCha8Rng,
+    dev: &Device,
     (b, t, inp): (usize, usize, usize),
     out: usize,
     r: usize,
     dropout: bool,
-    residual: bool,
+    then: Then,
 ) -> anyhow::Result<Case> {
     let mask =
         dropout.then(|| ops::dropout::DropoutMask::draw(b * t * inp, 1.25, || rng.random::<f64>() < 0.8));
@@ -198,30 +219,49 @@ fn lora_case(
         input("A", &[r, inp], 0.3, true),
         input("B", &[out, r], 0.3, true),
     ];
-    if residual {
+    if let Then::Residual = then {
         inputs.push(input("residual", &[b, t, out], 1.0, true));
+    }
+    let d = if let Then::Rotate(d) = then { d } else { 2 };
+    let (table, pos) = rotation(rng, dev, (b, t, d))?;
+    let (table2, pos2) = (table.clone(), pos.clone());
+    fn epilogue<'a>(
+        then: Then,
+        a: &'a [Tensor],
+        table: &'a RotaryTable,
+        pos: &'a Tensor,
+    ) -> ops::Epilogue<'a> {
+        match then {
+            Then::Nothing => ops::Epilogue::None,
+            Then::Residual => ops::Epilogue::Residual(&a[4]),
+            Then::Rotate(d) => ops::Epilogue::Rotate { table, positions: pos, head_dim: d },
+        }
     }
     Ok(Case {
         tol_bf16: 1e-2,
         op: format!(
             "lora_linear [{b},{t},{inp}]->{out} r={r}{}{}",
             if dropout { " dropout" } else { "" },
-            if residual { " onto residual" } else { "" }
+            match then {
+                Then::Nothing => String::new(),
+                Then::Residual => " onto residual".into(),
+                Then::Rotate(d) => format!(" rope {d}"),
+            }
         ),
         inputs,
         ours: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
-            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }.forward_onto(
+            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }.forward_then(
                 &a[0],
-                a.get(4),
+                epilogue(then, a, &table, &pos),
                 mask.clone(),
             )
         }),
         reference: Box::new(move |a| {
             let (la, lb) = f32s(a)?;
-            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }.reference_onto(
+            ops::LoraWeights { weight: &a[1], bias: None, a: &la, b: &lb, scale: 1.5 }.reference_then(
                 &a[0],
-                a.get(4),
+                epilogue(then, a, &table2, &pos2),
                 mask2.as_ref(),
             )
         }),

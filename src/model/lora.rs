@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::error::{CandorError, Result};
 use crate::ops::dropout::DropoutMask;
-use crate::ops::{frozen_linear, LoraWeights};
+use crate::ops::{frozen_linear, Epilogue, LoraWeights};
 
 /// The seven projection names a decoder layer has.
 pub const ALL_LINEAR: &[&str] =
@@ -198,23 +198,20 @@ impl LoraLinear {
 
     /// `dropout_rng` is `Some` in training mode.
     pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
-        self.forward_onto(x, None, dropout_rng)
+        self.forward_then(x, Epilogue::None, dropout_rng)
     }
 
-    /// `residual + self(x)`; with an adapter, one op that never materialises `self(x)` on its own (see
-    /// [`LoraWeights::forward_onto`]).
-    pub fn forward_onto(
+    /// `then(self(x))`: with an adapter, one op in which `self(x)` alone never reaches the graph (see
+    /// [`Epilogue`]); without, the frozen product and then the epilogue's own ops.
+    pub fn forward_then(
         &self,
         x: &Tensor,
-        residual: Option<&Tensor>,
+        then: Epilogue,
         dropout_rng: Option<&mut DropoutRng>,
     ) -> Result<Tensor> {
         let Some(lora) = &self.lora else {
             let y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
-            return Ok(match residual {
-                Some(res) => (res + y)?,
-                None => y,
-            });
+            return Ok(then.composed(&y, crate::ops::rope)?);
         };
         // one draw per input element, in order, whichever path runs: the same seed gives the same masks
         let mask = match (dropout_rng, lora.dropout > 0.0) {
@@ -230,7 +227,7 @@ impl LoraLinear {
         };
         let weights =
             LoraWeights { weight: &self.weight, bias: self.bias.as_ref(), a: &a, b: &b, scale: lora.scale };
-        Ok(weights.forward_onto(x, residual, mask)?)
+        Ok(weights.forward_then(x, then, mask)?)
     }
 
     /// `W + scale · B·A`, computed in f32 (the merge used by export). A and B enter detached: taken

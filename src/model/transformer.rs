@@ -17,7 +17,7 @@ use super::config::ModelConfig;
 use super::input::{TokenBatch, IGNORE_INDEX};
 use super::lora::{init_rng, DropoutRng, LoraConfig, LoraLinear};
 use crate::error::{CandorError, Result};
-use crate::ops::{attention, frozen_linear, linear_cross_entropy_sum, rope, swiglu, RotaryTable};
+use crate::ops::{attention, frozen_linear, linear_cross_entropy_sum, rope, swiglu, Epilogue, RotaryTable};
 
 #[derive(Debug)]
 pub struct Attention {
@@ -365,21 +365,27 @@ impl Transformer {
         let a = &layer.self_attn;
 
         let h = rms_norm(x, &layer.input_layernorm, eps)?;
-        let q = a.q_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nh, hd))?;
-        let k = a.k_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?;
-        let v = a.v_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?;
-        let q = match &a.q_norm {
-            Some(w) => rms_norm(&q, w, eps)?,
-            None => q,
+        // q and k rotated in the projections' [b, t, heads, hd] layout, then viewed as [b, heads, t, hd]
+        let rotated = |proj: &LoraLinear,
+                       norm: Option<&Tensor>,
+                       heads: usize,
+                       rng: Option<&mut DropoutRng>|
+         -> Result<Tensor> {
+            Ok(match norm {
+                // by the projection's own op, so its unrotated output never reaches the graph
+                None => {
+                    let then = Epilogue::Rotate { table, positions, head_dim: hd };
+                    proj.forward_then(&h, then, rng)?.reshape((b, t, heads, hd))?
+                }
+                Some(w) => {
+                    let y = proj.forward(&h, rng)?.reshape((b, t, heads, hd))?;
+                    rope(&rms_norm(&y, w, eps)?, table, positions)?
+                }
+            })
         };
-        let k = match &a.k_norm {
-            Some(w) => rms_norm(&k, w, eps)?,
-            None => k,
-        };
-        // rotate in the projections' [b, t, heads, hd] layout, then view as [b, heads, t, hd]
-        let q = rope(&q, table, positions)?.transpose(1, 2)?;
-        let k = rope(&k, table, positions)?.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?;
+        let q = rotated(&a.q_proj, a.q_norm.as_ref(), nh, rng.as_deref_mut())?.transpose(1, 2)?;
+        let k = rotated(&a.k_proj, a.k_norm.as_ref(), nkv, rng.as_deref_mut())?.transpose(1, 2)?;
+        let v = a.v_proj.forward(&h, rng.as_deref_mut())?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let (k, v) = match cache {
             // detached inside: the cache must not keep the autograd graph of every earlier step alive
             // (through the LoRA variables), which made memory grow with the square of the length
@@ -387,14 +393,14 @@ impl Transformer {
             None => (k, v),
         };
         let attn = attention(&q, &k, &v, bias)?; // [b, t, nh · hd]
-        let x = a.o_proj.forward_onto(&attn, Some(x), rng.as_deref_mut())?;
+        let x = a.o_proj.forward_then(&attn, Epilogue::Residual(x), rng.as_deref_mut())?;
 
         let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
         let m = &layer.mlp;
         let gate = m.gate_proj.forward(&h, rng.as_deref_mut())?;
         let up = m.up_proj.forward(&h, rng.as_deref_mut())?;
         let act = swiglu(&gate, &up)?;
-        m.down_proj.forward_onto(&act, Some(&x), rng)
+        m.down_proj.forward_then(&act, Epilogue::Residual(&x), rng)
     }
 
     /// The rotary table for positions `0..=max(position_ids)` (f32, shared by every layer of this

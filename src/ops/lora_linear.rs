@@ -9,10 +9,11 @@
 //! gradient. When the input needs no gradient (layer 0's q, k and v read the frozen embeddings) the
 //! `dy·W` product is skipped.
 //!
-//! With a residual connection after it (the output and down projections), the op adds the residual
-//! into its output ([`LoraWeights::forward_onto`]): a separate add would keep the projection's output in
-//! the graph too, one hidden-sized tensor per such layer (a SmolLM2 step at 4 × 256 tokens: 2.02 →
-//! 1.88 GB peak).
+//! What follows the projection in the decoder runs inside the op too ([`Epilogue`]): the residual add of
+//! the output and down projections, the rotary embedding of q and k (models without q/k norms). As
+//! separate ops they would keep the projection's own output in the graph beside theirs: a SmolLM2 step
+//! at 4 × 256 tokens peaked at 2.02 GB with both separate, 1.88 GB with the residual inside, 1.79 GB
+//! with both.
 //!
 //! Three paths, one graph footprint (x, A, B, and the residual where there is one):
 //! - CPU in f32 (the CPU build's dtype): both directions are our own loops over `gemm`/OpenBLAS.
@@ -29,12 +30,13 @@
 //! is tested without a GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
 use super::frozen_linear::cpu_linear;
 use super::gemm_ex::{row_major, GemmEx};
+use super::rotary::{Rotary, RotaryTable};
 use super::{cpu_f32, cpu_storage, f32_slice};
 
 /// Whether [`LoraWeights::forward`] runs the CPU path for these operands (CPU, all f32).
@@ -54,6 +56,41 @@ pub struct LoraWeights<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scale: f64,
+}
+
+/// What the op does with the layer's output `y` before returning it, in place of a separate op that
+/// would keep `y` in the graph until the step ends beside its own result.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// `y` itself.
+    None,
+    /// `residual + y` (the output and down projections and their residual connection; `[.., out]`,
+    /// `x`'s dtype). The residual gets `dy` as its gradient.
+    Residual(&'a Tensor),
+    /// `rope(y)` with `y` viewed as `[b, t, out / head_dim, head_dim]` (the q and k projections of a
+    /// model without q/k norms; `x` is `[b, t, in]`, `positions` `[b, t]`, as [`super::rope`] takes
+    /// them). The backward rotates `dy` back first.
+    Rotate { table: &'a RotaryTable, positions: &'a Tensor, head_dim: usize },
+}
+
+impl Epilogue<'_> {
+    /// The epilogue applied to `y` by separate ops, with `rope` for the rotation (the fused
+    /// [`super::rope`] or its composed reference).
+    pub fn composed(
+        self,
+        y: &Tensor,
+        rope: fn(&Tensor, &RotaryTable, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self {
+            Epilogue::None => Ok(y.clone()),
+            Epilogue::Residual(res) => res + y,
+            Epilogue::Rotate { table, positions, head_dim } => {
+                let (b, t, out) = y.dims3()?;
+                let y4 = y.reshape((b, t, out / head_dim, head_dim))?;
+                rope(&y4, table, positions)?.reshape((b, t, out))
+            }
+        }
+    }
 }
 
 /// Which code runs the op.
@@ -79,19 +116,11 @@ impl LoraWeights<'_> {
     /// The layer on `x: [.., in]` as one op: the CPU f32 path where [`supported`]; on CUDA in bf16/f16
     /// the half-precision path; else the device-agnostic path. `mask` covers `x`'s elements.
     pub fn forward(&self, x: &Tensor, mask: Option<DropoutMask>) -> Result<Tensor> {
-        self.forward_onto(x, None, mask)
+        self.forward_then(x, Epilogue::None, mask)
     }
 
-    /// `residual + layer(x)` as one op (the decoder's output and down projections with their residual
-    /// connection): the sum is written straight into the op's output, so the projection's own output,
-    /// which a separate add would keep in the graph until the step ends, never exists. The residual
-    /// (`[.., out]`, `x`'s dtype) gets `dy` as its gradient.
-    pub fn forward_onto(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        mask: Option<DropoutMask>,
-    ) -> Result<Tensor> {
+    /// `then(layer(x))` as one op (see [`Epilogue`]): the layer's own output exists only inside it.
+    pub fn forward_then(&self, x: &Tensor, then: Epilogue, mask: Option<DropoutMask>) -> Result<Tensor> {
         let _profile = super::profile::span("lora_linear", super::profile::Phase::Forward);
         let path = if supported(x, self.weight, self.bias) {
             Path::Cpu
@@ -100,35 +129,31 @@ impl LoraWeights<'_> {
         } else {
             Path::Generic
         };
-        self.apply(x, residual, mask, path)
+        self.apply(x, then, mask, path)
     }
 
     /// The op's device-agnostic path (candle backend products), which CUDA runs in f32, forced on any
     /// device: for the tests, which check it on the CPU.
-    pub fn forward_generic(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        mask: Option<DropoutMask>,
-    ) -> Result<Tensor> {
-        self.apply(x, residual, mask, Path::Generic)
+    pub fn forward_generic(&self, x: &Tensor, then: Epilogue, mask: Option<DropoutMask>) -> Result<Tensor> {
+        self.apply(x, then, mask, Path::Generic)
     }
 
     /// The op's half-precision path (CUDA's for bf16/f16), forced on any device: on the CPU its products
     /// run [`super::gemm_ex`]'s emulation of cuBLAS, for the tests. An error for an f32 `x`.
-    pub fn forward_half(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        mask: Option<DropoutMask>,
-    ) -> Result<Tensor> {
+    pub fn forward_half(&self, x: &Tensor, then: Epilogue, mask: Option<DropoutMask>) -> Result<Tensor> {
         if !half_path_applies(x) {
             candle_core::bail!("{OP}: the half-precision path takes a bf16 or f16 input");
         }
-        self.apply(x, residual, mask, Path::Half)
+        self.apply(x, then, mask, Path::Half)
     }
 
-    fn check(&self, x: &Tensor, residual: Option<&Tensor>, mask: Option<&DropoutMask>) -> Result<()> {
+    /// Checks the operands; with [`Epilogue::Rotate`], the rotation (and its head width).
+    fn check(
+        &self,
+        x: &Tensor,
+        then: Epilogue,
+        mask: Option<&DropoutMask>,
+    ) -> Result<Option<(Rotary, usize)>> {
         let (out_f, in_f) = self.weight.dims2()?;
         let (r, a_in) = self.a.dims2()?;
         if x.dim(candle_core::D::Minus1)? != in_f || a_in != in_f || self.b.dims() != [out_f, r] {
@@ -153,29 +178,37 @@ impl LoraWeights<'_> {
         if mask.is_some_and(|m| m.len() < x.elem_count()) {
             candle_core::bail!("{OP}: dropout mask shorter than the input");
         }
-        if let Some(res) = residual {
-            let mut out = x.dims().to_vec();
-            *out.last_mut().unwrap() = out_f;
-            if res.dims() != out || res.dtype() != x.dtype() {
-                candle_core::bail!(
-                    "{OP}: residual {:?} {:?}, expected {out:?} {:?}",
-                    res.dims(),
-                    res.dtype(),
-                    x.dtype()
-                );
+        match then {
+            Epilogue::None => Ok(None),
+            Epilogue::Residual(res) => {
+                let mut out = x.dims().to_vec();
+                *out.last_mut().unwrap() = out_f;
+                if res.dims() != out || res.dtype() != x.dtype() {
+                    candle_core::bail!(
+                        "{OP}: residual {:?} {:?}, expected {out:?} {:?}",
+                        res.dims(),
+                        res.dtype(),
+                        x.dtype()
+                    );
+                }
+                Ok(None)
+            }
+            Epilogue::Rotate { table, positions, head_dim } => {
+                let (b, t, _) = x.dims3()?;
+                if head_dim == 0 || out_f % head_dim != 0 {
+                    candle_core::bail!("{OP}: {out_f} outputs are not heads of {head_dim} to rotate");
+                }
+                Ok(Some((Rotary::new(table, positions, (b, t, head_dim))?, head_dim)))
             }
         }
-        Ok(())
     }
 
-    fn apply(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        mask: Option<DropoutMask>,
-        path: Path,
-    ) -> Result<Tensor> {
-        self.check(x, residual, mask.as_ref())?;
+    fn apply(&self, x: &Tensor, then: Epilogue, mask: Option<DropoutMask>, path: Path) -> Result<Tensor> {
+        let rotation = self.check(x, then, mask.as_ref())?;
+        let residual = match then {
+            Epilogue::Residual(res) => Some(res),
+            _ => None,
+        };
         let (out_f, in_f) = self.weight.dims2()?;
         let rows = x.elem_count() / in_f;
         // the generic and half paths keep the mask on the device as one byte per element
@@ -203,6 +236,7 @@ impl LoraWeights<'_> {
                 .then(|| std::sync::Mutex::new(None)),
             dims: (self.a.dim(0)?, in_f, out_f),
             residual: residual.is_some(),
+            rotation,
         };
         match residual {
             None => x.contiguous()?.apply_op3(&self.a.contiguous()?, &self.b.contiguous()?, op),
@@ -215,18 +249,9 @@ impl LoraWeights<'_> {
         }
     }
 
-    /// [`LoraWeights::reference`] plus `residual`, as the decoder composed it.
-    pub fn reference_onto(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        mask: Option<&DropoutMask>,
-    ) -> Result<Tensor> {
-        let y = self.reference(x, mask)?;
-        match residual {
-            Some(res) => res + y,
-            None => Ok(y),
-        }
+    /// [`LoraWeights::reference`] followed by the epilogue, as the decoder composed them.
+    pub fn reference_then(&self, x: &Tensor, then: Epilogue, mask: Option<&DropoutMask>) -> Result<Tensor> {
+        then.composed(&self.reference(x, mask)?, super::rotary::reference)
     }
 
     /// The same layer from plain candle ops, differentiable in x, A and B (W and the bias are
@@ -264,9 +289,11 @@ struct LoraLinear {
     rank_out: Option<std::sync::Mutex<Option<Vec<f32>>>>,
     /// `(r, in, out)`.
     dims: (usize, usize, usize),
-    /// Whether the op's arguments are `(x, [A | B], residual)` (see [`LoraWeights::forward_onto`])
-    /// rather than `(x, A, B)`.
+    /// Whether the op's arguments are `(x, [A | B], residual)` ([`Epilogue::Residual`]) rather than
+    /// `(x, A, B)`.
     residual: bool,
+    /// [`Epilogue::Rotate`]'s rotation and head width.
+    rotation: Option<(Rotary, usize)>,
 }
 
 const OP: &str = "lora_linear";
@@ -351,16 +378,90 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let ((a_s, al), (b_s, bl), res) = self.operands((s2, l2), (s3, l3));
         let of: fn(&Storage) -> Result<&CpuStorage> = |s| cpu_storage(s, OP);
-        match self.path {
-            Path::Generic => return self.generic_fwd(xs, xl, (a_s, &al), (b_s, &bl), res, of),
-            Path::Half => return self.half_fwd(xs, xl, res, of),
-            Path::Cpu => {}
+        let (y, shape) = match self.path {
+            Path::Generic => self.generic_fwd(xs, xl, (a_s, &al), (b_s, &bl), res, of)?,
+            Path::Half => self.half_fwd(xs, xl, res, of)?,
+            Path::Cpu => self.cpu_path_fwd(xs, xl, (a_s, &al), (b_s, &bl), res)?,
+        };
+        match &self.rotation {
+            None => Ok((y, shape)),
+            Some((rot, d)) => Ok((rot.cpu_fwd(&y, &heads_layout(&shape, *d))?.0, shape)),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((a_s, al), (b_s, bl), res) = self.operands((s2, l2), (s3, l3));
+        let of: fn(&Storage) -> Result<&candle_core::CudaStorage> = |s| super::cuda_storage(s, OP);
+        let (y, shape) = match self.path {
+            Path::Half => self.half_fwd(xs, xl, res, of)?,
+            _ => self.generic_fwd(xs, xl, (a_s, &al), (b_s, &bl), res, of)?,
+        };
+        match &self.rotation {
+            None => Ok((y, shape)),
+            Some((rot, d)) => Ok((rot.cuda_fwd(&y, &heads_layout(&shape, *d))?.0, shape)),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x_t: &Tensor,
+        t2: &Tensor,
+        t3: &Tensor,
+        _y: &Tensor,
+        dy_t: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _profile = super::profile::span("lora_linear", super::profile::Phase::Backward);
+        let (a_t, b_t) = self.lora_args(t2, t3)?;
+        // the gradient of the layer's output: dy rotated back through the epilogue's rotation
+        let dy_t = match &self.rotation {
+            None => dy_t.clone(),
+            Some((rot, d)) => {
+                let heads = heads_layout(dy_t.shape(), *d);
+                let turned = dy_t.contiguous()?.reshape(heads.shape())?.apply_op1_no_bwd(&rot.inverse())?;
+                turned.reshape(dy_t.shape())?
+            }
+        };
+        let grads = match self.path {
+            Path::Half => self.half_bwd(x_t, &dy_t)?,
+            Path::Generic => self.generic_bwd(x_t, &a_t, &b_t, &dy_t)?,
+            Path::Cpu => self.cpu_bwd(x_t, &a_t, &b_t, &dy_t)?,
+        };
+        self.arg_grads(grads, &dy_t)
+    }
+}
+
+/// `[1, rows, heads, head_dim]` for an output of `shape` (`[.., heads · head_dim]`): the layout the
+/// rotation reads.
+fn heads_layout(shape: &Shape, head_dim: usize) -> Layout {
+    let dims = shape.dims();
+    let width = dims.last().copied().unwrap_or(0);
+    Layout::contiguous((1, shape.elem_count() / width.max(1), width / head_dim, head_dim))
+}
+
+impl LoraLinear {
+    /// [`Path::Cpu`]'s forward.
+    fn cpu_path_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        (a_s, al): (&CpuStorage, &Layout),
+        (b_s, bl): (&CpuStorage, &Layout),
+        res: Option<(&CpuStorage, Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
         let (r, in_f, out_f) = self.dims;
         let x = f32_slice(xs, xl, OP, "x")?;
         let rows = x.len() / in_f;
         let (x, a, b) =
-            (View::matrix(x, rows, in_f), f32_slice(a_s, &al, OP, "A")?, f32_slice(b_s, &bl, OP, "B")?);
+            (View::matrix(x, rows, in_f), f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
         let (ws, wl) = self.weight.storage_and_layout();
         let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_f, in_f);
         // y = (residual +) x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
@@ -391,44 +492,6 @@ impl CustomOp3 for LoraLinear {
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let ((a_s, al), (b_s, bl), res) = self.operands((s2, l2), (s3, l3));
-        let of: fn(&Storage) -> Result<&candle_core::CudaStorage> = |s| super::cuda_storage(s, OP);
-        match self.path {
-            Path::Half => self.half_fwd(xs, xl, res, of),
-            _ => self.generic_fwd(xs, xl, (a_s, &al), (b_s, &bl), res, of),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x_t: &Tensor,
-        t2: &Tensor,
-        t3: &Tensor,
-        _y: &Tensor,
-        dy_t: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _profile = super::profile::span("lora_linear", super::profile::Phase::Backward);
-        let (a_t, b_t) = self.lora_args(t2, t3)?;
-        let grads = match self.path {
-            Path::Half => self.half_bwd(x_t, dy_t)?,
-            Path::Generic => self.generic_bwd(x_t, &a_t, &b_t, dy_t)?,
-            Path::Cpu => self.cpu_bwd(x_t, &a_t, &b_t, dy_t)?,
-        };
-        self.arg_grads(grads, dy_t)
-    }
-}
-
-impl LoraLinear {
     /// [`Path::Cpu`]'s backward: `(dx, dA, dB)`.
     fn cpu_bwd(
         &self,

@@ -65,7 +65,7 @@ use half::{bf16, f16};
 pub use attention::attention;
 pub use frozen_linear::frozen_linear;
 pub use linear_cross_entropy::linear_cross_entropy_sum;
-pub use lora_linear::LoraWeights;
+pub use lora_linear::{Epilogue, LoraWeights};
 pub use rms_norm::rms_norm;
 pub use rotary::{rope, RotaryTable};
 pub use swiglu::swiglu;

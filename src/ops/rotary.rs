@@ -52,23 +52,7 @@ impl RotaryTable {
 pub fn rope(x: &Tensor, table: &RotaryTable, positions: &Tensor) -> Result<Tensor> {
     let _profile = super::profile::span("rope", super::profile::Phase::Forward);
     let (b, t, _, d) = x.dims4()?;
-    if d % 2 != 0 || table.cos.dims() != [table.len(), d / 2] || table.sin.dims() != table.cos.dims() {
-        candle_core::bail!("rope: head_dim {d} and table {:?} do not fit", table.cos.dims());
-    }
-    if positions.dims() != [b, t] || positions.dtype() != DType::U32 {
-        candle_core::bail!(
-            "rope: positions {:?} {:?}, expected [{b}, {t}] u32",
-            positions.dims(),
-            positions.dtype()
-        );
-    }
-    let op = Rotary {
-        cos: table.cos.contiguous()?,
-        sin: table.sin.contiguous()?,
-        positions: positions.contiguous()?,
-        inverse: false,
-    };
-    x.contiguous()?.apply_op1(op)
+    x.contiguous()?.apply_op1(Rotary::new(table, positions, (b, t, d))?)
 }
 
 /// The same rotation composed from differentiable candle ops (the slow reference), computed in f32.
@@ -86,12 +70,51 @@ pub fn reference(x: &Tensor, table: &RotaryTable, positions: &Tensor) -> Result<
     Tensor::cat(&[r1, r2], D::Minus1)?.to_dtype(x.dtype())
 }
 
-struct Rotary {
+/// The rotation as an op on `[b, t, heads, head_dim]` storage (also the epilogue of
+/// [`super::lora_linear`]'s q and k projections, which call its `cpu_fwd`/`cuda_fwd` on their output).
+pub(crate) struct Rotary {
     cos: Tensor,
     sin: Tensor,
     positions: Tensor,
     /// Rotate by −angle (the backward).
     inverse: bool,
+}
+
+impl Rotary {
+    /// The rotation of `[b, t, .., d]` inputs by `positions` (`[b, t]` u32), checked against the
+    /// table.
+    pub(crate) fn new(
+        table: &RotaryTable,
+        positions: &Tensor,
+        (b, t, d): (usize, usize, usize),
+    ) -> Result<Self> {
+        if d % 2 != 0 || table.cos.dims() != [table.len(), d / 2] || table.sin.dims() != table.cos.dims() {
+            candle_core::bail!("rope: head_dim {d} and table {:?} do not fit", table.cos.dims());
+        }
+        if positions.dims() != [b, t] || positions.dtype() != DType::U32 {
+            candle_core::bail!(
+                "rope: positions {:?} {:?}, expected [{b}, {t}] u32",
+                positions.dims(),
+                positions.dtype()
+            );
+        }
+        Ok(Rotary {
+            cos: table.cos.contiguous()?,
+            sin: table.sin.contiguous()?,
+            positions: positions.contiguous()?,
+            inverse: false,
+        })
+    }
+
+    /// The inverse rotation (the backward): the same table, `sin` negated.
+    pub(crate) fn inverse(&self) -> Self {
+        Rotary {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            positions: self.positions.clone(),
+            inverse: !self.inverse,
+        }
+    }
 }
 
 /// (tokens, heads, head_dim) of `x: [b, t, h, d]`.
@@ -190,13 +213,7 @@ impl CustomOp1 for Rotary {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let _profile = super::profile::span("rope", super::profile::Phase::Backward);
-        let inverse = Rotary {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            positions: self.positions.clone(),
-            inverse: !self.inverse,
-        };
-        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&inverse)?))
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&self.inverse())?))
     }
 }
 
