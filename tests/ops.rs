@@ -596,6 +596,8 @@ fn lora_linear_matches_the_composed_layer() {
         let mut runs = vec![("generic", DType::F32)];
         if out >= 6 {
             runs.extend([("generic", DType::BF16), ("half", DType::BF16), ("half", DType::F16)]);
+            // and the CPU path on bf16/f16 operands (widened to f32 inside)
+            runs.extend([("cpu", DType::BF16), ("cpu", DType::F16)]);
         }
         for (path, dtype) in runs {
             let w_low = w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
@@ -613,6 +615,7 @@ fn lora_linear_matches_the_composed_layer() {
                     let weights = LoraWeights { weight: &w, bias: bias.as_ref(), a: &a, b: &b, scale: 1.5 };
                     match path {
                         "half" => weights.forward_half(&t[0], epilogue(then, t, &tab, &pos), mask.clone()),
+                        "cpu" => weights.forward_then(&t[0], epilogue(then, t, &tab, &pos), mask.clone()),
                         _ => weights.forward_generic(&t[0], epilogue(then, t, &tab, &pos), mask.clone()),
                     }
                 },
@@ -795,6 +798,13 @@ fn attention_matches_the_composed_reference() {
             // with two keys q's gradient can nearly cancel: its terms are O(1), so 1e-6 absolute is
             // rounding, whatever the (small) result
             check_to(&what, &mut rng, &inputs, DType::F32, &view, fused, reference, (1e-4, 1e-6));
+            // the fused op on bf16/f16 storage (widened to f32 inside, each result rounded once)
+            if keys >= 5 {
+                for dtype in [DType::BF16, DType::F16] {
+                    let what = format!("{what} fused");
+                    check_to(&what, &mut rng, &inputs, dtype, &view, fused, reference, (1e-2, 1e-6));
+                }
+            }
             // what other devices and bf16 run: the composed version inside a recomputing op
             // (bf16 only with enough keys: with two, q's gradient can cancel to ~0 and bf16 rounding is
             // all that is left of it)

@@ -8,8 +8,9 @@
 //! and the output is written straight into the `[batch, seq, heads · dim]` layout the output projection
 //! reads.
 //!
-//! CPU, f32: each (row, KV head) pair is one task with its own scratch for one block of query rows'
-//! scores. CUDA in bf16 or f16 with head dimension 64 or 128 (with `--features cuda`): the flash kernels of
+//! CPU (f32; bf16 and f16 storage widened to f32 in the op, the results rounded once): each (row, KV
+//! head) pair is one task with its own scratch for one block of query rows' scores. CUDA in bf16 or
+//! f16 with head dimension 64 or 128 (with `--features cuda`): the flash kernels of
 //! `kernels/flash_attention.cu` (`flash_attention.rs`), where scores never reach global memory. Other
 //! devices and dtypes run [`reference`] (candle ops: cuBLAS products and candle's softmax kernel on the
 //! GPU) inside a recomputing op: the forward runs without a graph and the backward runs it again with
@@ -21,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{cpu_f32, cpu_storage, simd};
+use super::{cpu_f32, cpu_storage, cpu_storage_of, cpu_tensor_of, f32_elems, simd};
 
 /// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
@@ -51,7 +52,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     if super::flash_attention::applies(q, k, v) {
         return super::flash_attention::attention(q, k, v, bias);
     }
-    let fused = q.device().is_cpu() && [q, k, v].iter().all(|x| x.dtype() == DType::F32);
+    // on the CPU in any float dtype: bf16 and f16 are widened to f32 inside the op
+    let fused = q.device().is_cpu()
+        && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && [k, v].iter().all(|x| x.dtype() == q.dtype());
     if !fused {
         return recomputed(q, k, v, bias);
     }
@@ -227,9 +231,8 @@ struct Heads<'a> {
 }
 
 impl<'a> Heads<'a> {
-    fn new(storage: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("{OP}: {what} must be f32") };
-        // (strided: not `f32_slice`, which wants a contiguous layout)
+    /// `data`: the whole storage as f32 ([`f32_elems`] without a layout), read through `l`'s strides.
+    fn new(data: &'a [f32], l: &Layout, what: &str) -> Result<Self> {
         let (st, dims) = (l.stride(), l.dims());
         if st.len() != 4 || st[3] != 1 {
             candle_core::bail!("{OP}: {what} needs a contiguous last dimension (layout {l:?})");
@@ -496,9 +499,11 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, t, d, .. } = dims;
-        let q = Heads::new(qs, ql, "q")?;
-        let k = Heads::new(ks, kl, "k")?;
-        let v = Heads::new(vs, vl, "v")?;
+        let (q32, k32, v32) =
+            (f32_elems(qs, None, OP, "q")?, f32_elems(ks, None, OP, "k")?, f32_elems(vs, None, OP, "v")?);
+        let q = Heads::new(&q32, ql, "q")?;
+        let k = Heads::new(&k32, kl, "k")?;
+        let v = Heads::new(&v32, vl, "v")?;
         let blocks = self.with_bias(|bias| {
             let ctx = Ctx::new(dims, q, k, v, bias, self.scale);
             let per_task = ctx.heads_per_task();
@@ -511,7 +516,8 @@ impl CustomOp3 for Attention {
         })?;
         let (blocks, per_task) = blocks;
         let out = scatter(blocks, dims, t, per_task, nh);
-        Ok((CpuStorage::F32(out), Shape::from((b, t, nh, d))))
+        let dtype = candle_core::backend::BackendStorage::dtype(qs);
+        Ok((cpu_storage_of(out, dtype)?, Shape::from((b, t, nh, d))))
     }
 
     fn bwd(
@@ -531,12 +537,17 @@ impl CustomOp3 for Attention {
         let (gs, gl) = d_out.storage_and_layout();
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, tk, d } = dims;
-        let qh = Heads::new(cpu_storage(&qs, OP)?, ql, "q")?;
-        let kh = Heads::new(cpu_storage(&ks, OP)?, kl, "k")?;
-        let vh = Heads::new(cpu_storage(&vs, OP)?, vl, "v")?;
+        fn whole<'s>(s: &'s Storage, what: &str) -> Result<std::borrow::Cow<'s, [f32]>> {
+            f32_elems(cpu_storage(s, OP)?, None, OP, what)
+        }
+        let (q32, k32, v32) = (whole(&qs, "q")?, whole(&ks, "k")?, whole(&vs, "v")?);
+        let qh = Heads::new(&q32, ql, "q")?;
+        let kh = Heads::new(&k32, kl, "k")?;
+        let vh = Heads::new(&v32, vl, "v")?;
         // out and d_out are [b, t, heads, d], contiguous
-        let o = cpu_f32(&os, ol, OP, "out")?;
-        let go = cpu_f32(&gs, gl, OP, "grad")?;
+        let o = f32_elems(cpu_storage(&os, OP)?, Some(ol), OP, "out")?;
+        let go = f32_elems(cpu_storage(&gs, OP)?, Some(gl), OP, "grad")?;
+        let (o, go) = (&o[..], &go[..]);
         let (grads, per_task) = self.with_bias(|bias| {
             let ctx = Ctx::new(dims, qh, kh, vh, bias, self.scale);
             let per_task = ctx.heads_per_task();
@@ -563,14 +574,12 @@ impl CustomOp3 for Attention {
             dks.push(dk);
             dvs.push(dv);
         }
-        let device = q.device();
-        // gradients in [b, len, heads, d] order, returned as [b, heads, len, d] views like the inputs
-        let dq =
-            Tensor::from_vec(scatter(dqs, dims, t, per_task, nh), (b, t, nh, d), device)?.transpose(1, 2)?;
-        let dk =
-            Tensor::from_vec(scatter(dks, dims, tk, 1, nkv), (b, tk, nkv, d), device)?.transpose(1, 2)?;
-        let dv =
-            Tensor::from_vec(scatter(dvs, dims, tk, 1, nkv), (b, tk, nkv, d), device)?.transpose(1, 2)?;
+        // gradients in [b, len, heads, d] order and the inputs' dtype, returned as [b, heads, len, d] views
+        // like the inputs
+        let dtype = q.dtype();
+        let dq = cpu_tensor_of(scatter(dqs, dims, t, per_task, nh), (b, t, nh, d), dtype)?.transpose(1, 2)?;
+        let dk = cpu_tensor_of(scatter(dks, dims, tk, 1, nkv), (b, tk, nkv, d), dtype)?.transpose(1, 2)?;
+        let dv = cpu_tensor_of(scatter(dvs, dims, tk, 1, nkv), (b, tk, nkv, d), dtype)?.transpose(1, 2)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
