@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{cpu_f32, cpu_storage, cpu_storage_of, cpu_tensor_of, f32_elems, simd};
+use super::{cpu_f32, cpu_f32_elems, cpu_storage, cpu_storage_of, cpu_tensor_of, f32_elems, simd};
 
 /// `softmax(q·kᵀ/√d + bias)·v` for `q: [b, heads, t, d]`, `k, v: [b, kv_heads, keys, d]` (any strides;
 /// query head `h` reads KV head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv`), `bias`
@@ -537,16 +537,17 @@ impl CustomOp3 for Attention {
         let (gs, gl) = d_out.storage_and_layout();
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, tk, d } = dims;
-        fn whole<'s>(s: &'s Storage, what: &str) -> Result<std::borrow::Cow<'s, [f32]>> {
-            f32_elems(cpu_storage(s, OP)?, None, OP, what)
-        }
-        let (q32, k32, v32) = (whole(&qs, "q")?, whole(&ks, "k")?, whole(&vs, "v")?);
+        let (q32, k32, v32) = (
+            cpu_f32_elems(&qs, None, OP, "q")?,
+            cpu_f32_elems(&ks, None, OP, "k")?,
+            cpu_f32_elems(&vs, None, OP, "v")?,
+        );
         let qh = Heads::new(&q32, ql, "q")?;
         let kh = Heads::new(&k32, kl, "k")?;
         let vh = Heads::new(&v32, vl, "v")?;
         // out and d_out are [b, t, heads, d], contiguous
-        let o = f32_elems(cpu_storage(&os, OP)?, Some(ol), OP, "out")?;
-        let go = f32_elems(cpu_storage(&gs, OP)?, Some(gl), OP, "grad")?;
+        let o = cpu_f32_elems(&os, Some(ol), OP, "out")?;
+        let go = cpu_f32_elems(&gs, Some(gl), OP, "grad")?;
         let (o, go) = (&o[..], &go[..]);
         let (grads, per_task) = self.with_bias(|bias| {
             let ctx = Ctx::new(dims, qh, kh, vh, bias, self.scale);

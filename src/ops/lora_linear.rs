@@ -39,7 +39,7 @@ pub use super::dropout::DropoutMask;
 use super::frozen_linear::cpu_linear;
 use super::gemm_ex::{row_major, GemmEx};
 use super::rotary::{Rotary, RotaryTable};
-use super::{cpu_f32, cpu_storage, cpu_storage_of, f32_elems, f32_slice};
+use super::{cpu_f32, cpu_f32_elems, cpu_storage, cpu_storage_of, f32_elems, f32_slice};
 
 /// Whether [`LoraWeights::forward`] runs the CPU path for these operands: on the CPU, the input, the
 /// frozen weight and the bias all f32, all bf16 or all f16 (the last two widened to f32 per call).
@@ -467,14 +467,11 @@ impl LoraLinear {
         let (x, a, b) =
             (View::matrix(&x, rows, in_f), f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
         let (ws, wl) = self.weight.storage_and_layout();
-        let w = f32_elems(cpu_storage(&ws, OP)?, Some(wl), OP, "weight")?;
+        let w = cpu_f32_elems(&ws, Some(wl), OP, "weight")?;
         let w = View::matrix(&w, out_f, in_f);
         // y = (residual +) x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
         let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = bias
-            .as_ref()
-            .map(|(bs, bl)| f32_elems(cpu_storage(bs, OP)?, Some(bl), OP, "bias"))
-            .transpose()?;
+        let bias = bias.as_ref().map(|(bs, bl)| cpu_f32_elems(bs, Some(bl), OP, "bias")).transpose()?;
         let bias = bias.as_deref();
         let mut y = match res {
             None => cpu_linear(x, w, bias),
@@ -519,12 +516,12 @@ impl LoraLinear {
         let (b_s, bl) = b_t.storage_and_layout();
         let (dys, dyl) = dy_t.storage_and_layout();
         let (ws, wl) = self.weight.storage_and_layout();
-        let x = f32_elems(cpu_storage(&xs, OP)?, Some(xl), OP, "x")?;
+        let x = cpu_f32_elems(&xs, Some(xl), OP, "x")?;
         let a = View::matrix(cpu_f32(&a_s, al, OP, "A")?, r, in_f);
         let b = View::matrix(cpu_f32(&b_s, bl, OP, "B")?, out_f, r);
-        let dy = f32_elems(cpu_storage(&dys, OP)?, Some(dyl), OP, "dy")?;
+        let dy = cpu_f32_elems(&dys, Some(dyl), OP, "dy")?;
         let dy = View::matrix(&dy, rows, out_f);
-        let w = f32_elems(cpu_storage(&ws, OP)?, Some(wl), OP, "weight")?;
+        let w = cpu_f32_elems(&ws, Some(wl), OP, "weight")?;
         let w = View::matrix(&w, out_f, in_f);
 
         // u = dy·B: [rows, r]

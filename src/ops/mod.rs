@@ -185,6 +185,16 @@ pub(crate) fn f32_elems<'a>(
     }
 }
 
+/// [`f32_elems`] of a tensor's storage, which must be on the CPU.
+pub(crate) fn cpu_f32_elems<'a>(
+    storage: &'a candle_core::Storage,
+    layout: Option<&Layout>,
+    op: &str,
+    what: &str,
+) -> Result<std::borrow::Cow<'a, [f32]>> {
+    f32_elems(cpu_storage(storage, op)?, layout, op, what)
+}
+
 /// `f` of every element, in a new buffer: on all threads in chunks, each loop compiled for the widest
 /// vectors the CPU has (an iterator `collect` ran element by element: 10% of a bf16 training step).
 fn convert<A: Copy + Send + Sync, B: Elem + Send>(
