@@ -460,6 +460,25 @@ fn linear_cross_entropy_matches_composed_loss() {
             g_ref.get(h_ref.as_tensor()).unwrap(),
             1e-4,
         );
+        // in bf16 and f16 (the weight widened to f32 a block of rows at a time: 50,021 rows are 13
+        // blocks, the last partial), against the f32 loss of the same rounded values
+        for dtype in [DType::BF16, DType::F16] {
+            let h_low = Var::from_tensor(&h.as_tensor().to_dtype(dtype).unwrap()).unwrap();
+            let w_low = w.to_dtype(dtype).unwrap();
+            let loss = ops::linear_cross_entropy_sum(h_low.as_tensor(), &w_low, &labels).unwrap();
+            let h32 = Var::from_tensor(&h_low.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+            let logits = h32.as_tensor().matmul(&w_low.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
+            let lse = logits.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+            let picked = logits.gather(&labels.unsqueeze(1).unwrap(), 1).unwrap();
+            let loss_ref = (lse - picked).unwrap().sum_all().unwrap();
+            assert_close(&format!("linear_cross_entropy {dtype:?} loss"), rng.seed, &loss, &loss_ref, 1e-5);
+            let g = loss.backward().unwrap();
+            let dh = g.get(h_low.as_tensor()).unwrap();
+            assert_eq!(dh.dtype(), dtype);
+            let dh_ref = loss_ref.backward().unwrap();
+            let what = format!("linear_cross_entropy {dtype:?} dh");
+            assert_close(&what, rng.seed, dh, dh_ref.get(h32.as_tensor()).unwrap(), 1e-2);
+        }
     }
 }
 

@@ -69,13 +69,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// A note for a bf16/f16 model on the CPU, which runs slower than f32 there instead of faster (the
-/// fused ops widen each operand to f32 per call; candle's own ops between them, and the LM head, run
-/// bf16/f16 elementwise).
+/// fused ops widen each operand to f32 per call; candle's own ops between them run bf16/f16
+/// elementwise).
 pub(crate) fn cpu_half_note(dtype: &str) -> Option<String> {
     matches!(dtype, "bf16" | "f16" | "BF16" | "F16").then(|| {
         let d = dtype.to_lowercase();
         format!(
-            "note: {d} on the CPU stores tensors in {d} but multiplies in f32 through conversions: it saves memory and runs about 1.5x (bf16) to 1.8x (f16) slower than f32, the CPU default (measured on SmolLM2's training step)"
+            "note: {d} on the CPU stores tensors in {d} but multiplies in f32 through conversions: it saves memory and runs about 1.3x (bf16) to 1.5x (f16) slower than f32, the CPU default (measured on SmolLM2's training step)"
         )
     })
 }
