@@ -11,7 +11,7 @@
 //! In bf16 or f16 the same loop runs in f32: `h` widened, the weight widened one block of
 //! [`CPU_WIDE_ROWS`] vocabulary rows at a time for each product, so no vocabulary-sized f32 copy of it
 //! exists, and `dh` rounded once.
-//! Other devices and dtypes ([`chunked`]) take the logits from a product in the model dtype (cuBLAS on
+//! Other devices ([`chunked`]) take the logits from a product in the model dtype (cuBLAS on
 //! a GPU, as transformers does), then two row ops that are CUDA kernels (`kernels/cross_entropy.cu`)
 //! with CPU versions: [`RowXent`] reads each row once (online max and sum) for its log-sum-exp and
 //! loss, and [`SoftmaxGrad`] overwrites the logits in place with `softmax − onehot`, which the second
