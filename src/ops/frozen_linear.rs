@@ -4,15 +4,15 @@
 //! gradient store until the step ends. For frozen base weights that is wasted FLOPs and memory (for
 //! a 1B model, a second copy of the model per step). This op records only `x` in the graph.
 //!
-//! Forward runs on any backend through `BackendStorage::matmul`, so the CPU and CUDA builds share it;
-//! f32 on the CPU goes through [`cpu_gemm`](super::cpu_gemm) instead, in both directions, so large
-//! products reach OpenBLAS where the system has it.
+//! On CUDA the forward runs through `BackendStorage::matmul`; on the CPU both directions go through
+//! [`cpu_frozen_product`] in every float dtype: bf16 on AMX where the CPU has it, otherwise f32 through
+//! [`cpu_gemm`](super::cpu_gemm), so large products reach OpenBLAS where the system has it.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::amx::{Lhs, Rhs, Rows};
 use super::cpu_gemm::{product, View};
-use super::{cpu_f32, f32_slice};
+use super::{contiguous, cpu_f32_elems, cpu_storage, f32_elems};
 
 struct FrozenLinear {
     weight: Tensor,
@@ -43,18 +43,70 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 
 const OP: &str = "frozen_linear";
 
-/// `x·Wᵀ (+ bias)` in f32 on the CPU: `x [rows, in]`, `W [out, in]`, a new `[rows, out]` buffer.
-pub(crate) fn cpu_linear(x: View, w: View, bias: Option<&[f32]>) -> Vec<f32> {
-    let (rows, out_f) = (x.rows, w.rows);
-    match bias {
-        Some(bias) => {
-            let mut y = super::cpu_output::<f32>(rows * out_f);
-            y.chunks_exact_mut(out_f).for_each(|row| row.copy_from_slice(bias));
-            product(x, w.t()).add_to(&mut y, 0, out_f);
-            y
-        }
-        None => product(x, w.t()).to_vec(),
+/// Which product of a frozen weight `W [out, in]` [`cpu_frozen_product`] computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// `x · Wᵀ`, `x [rows, in]` (the forward).
+    Forward,
+    /// `dy · W`, `dy [rows, out]` (the input gradient).
+    InputGrad,
+}
+
+/// `dst (+)= x·Wᵀ` or `x·W` (by `side`) on the CPU, `x` contiguous, `dst` a row-major `[rows, n]`
+/// buffer: on AMX where `x` and `W` are both bf16 and the CPU has it ([`super::amx`]: bf16 products,
+/// f32 sums); otherwise in f32 through [`cpu_gemm`](super::cpu_gemm), from `x32` (`x` already widened,
+/// where the caller has it) or `x` widened here, and `W` widened per call.
+pub(crate) fn cpu_frozen_product(
+    x: &CpuStorage,
+    xl: &Layout,
+    x32: Option<&[f32]>,
+    weight: &Tensor,
+    side: Side,
+    dst: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let (ws, wl) = weight.storage_and_layout();
+    let ws = cpu_storage(&ws, OP)?;
+    let (out_f, in_f) = wl.shape().dims2()?;
+    let (k, n) = match side {
+        Side::Forward => (in_f, out_f),
+        Side::InputGrad => (out_f, in_f),
+    };
+    let rows = xl.shape().elem_count() / k.max(1);
+    if dst.len() != rows * n {
+        candle_core::bail!("{OP}: output of {} values for [{rows}, {n}]", dst.len());
     }
+    if let (Some(amx), CpuStorage::BF16(xd), CpuStorage::BF16(wd)) = (super::amx::get(), x, ws) {
+        let lhs = Lhs::Bf16(Rows::matrix(contiguous(xd, xl, OP, "x")?, rows, k));
+        let w = Rows::matrix(contiguous(wd, wl, OP, "weight")?, out_f, in_f);
+        let rhs = if side == Side::Forward { Rhs::Transposed(w) } else { Rhs::Plain(w) };
+        amx.product(lhs, rhs, dst, 0, n, accumulate);
+        return Ok(());
+    }
+    let x32 = match x32 {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => f32_elems(x, Some(xl), OP, "x")?,
+    };
+    let w = f32_elems(ws, Some(wl), OP, "weight")?;
+    let w = View::matrix(&w, out_f, in_f);
+    let p = product(View::matrix(&x32, rows, k), if side == Side::Forward { w.t() } else { w });
+    if accumulate {
+        p.add_to(dst, 0, n)
+    } else {
+        p.write(dst, 0, n)
+    }
+    Ok(())
+}
+
+/// A new `[rows, out]` f32 buffer holding the bias in every row (zeros without one).
+pub(crate) fn cpu_bias_rows(bias: Option<&Tensor>, rows: usize, out_f: usize) -> Result<Vec<f32>> {
+    let mut y = super::cpu_output::<f32>(rows * out_f);
+    if let Some(b) = bias {
+        let (bs, bl) = b.storage_and_layout();
+        let b = cpu_f32_elems(&bs, Some(bl), OP, "bias")?;
+        y.chunks_exact_mut(out_f).for_each(|row| row.copy_from_slice(&b));
+    }
+    Ok(y)
 }
 
 fn out_shape(x_layout: &Layout, out_features: usize) -> Shape {
@@ -63,7 +115,8 @@ fn out_shape(x_layout: &Layout, out_features: usize) -> Shape {
     Shape::from(dims)
 }
 
-fn forward_storage<S: BackendStorage>(
+#[cfg(feature = "cuda")]
+fn forward_storage<S: candle_core::backend::BackendStorage>(
     x: &S,
     x_layout: &Layout,
     w: &S,
@@ -89,29 +142,14 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (w, w_layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w else {
-            candle_core::bail!("frozen_linear: weight not on cpu")
-        };
-        if let (CpuStorage::F32(_), CpuStorage::F32(_)) = (x, w) {
-            let (out_f, in_f) = w_layout.shape().dims2()?;
-            let x = f32_slice(x, x_layout, OP, "x")?;
-            let x = View::matrix(x, x.len() / in_f, in_f);
-            let w = View::matrix(f32_slice(w, w_layout, OP, "weight")?, out_f, in_f);
-            let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
-            let bias = bias.as_ref().map(|(bs, bl)| cpu_f32(bs, bl, OP, "bias")).transpose()?;
-            return Ok((CpuStorage::F32(cpu_linear(x, w, bias)), out_shape(x_layout, out_f)));
-        }
-        match &self.bias {
-            None => forward_storage(x, x_layout, w, w_layout, None),
-            Some(b) => {
-                let (bs, bl) = b.storage_and_layout();
-                let candle_core::Storage::Cpu(bs) = &*bs else {
-                    candle_core::bail!("frozen_linear: bias not on cpu")
-                };
-                forward_storage(x, x_layout, w, w_layout, Some((bs, bl)))
-            }
-        }
+        let (out_f, in_f) = self.weight.dims2()?;
+        let rows = x_layout.shape().elem_count() / in_f;
+        let mut y = cpu_bias_rows(self.bias.as_ref(), rows, out_f)?;
+        cpu_frozen_product(x, x_layout, None, &self.weight, Side::Forward, &mut y, self.bias.is_some())?;
+        Ok((
+            super::cpu_storage_of(y, candle_core::backend::BackendStorage::dtype(x))?,
+            out_shape(x_layout, out_f),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -144,16 +182,15 @@ impl CustomOp1 for FrozenLinear {
         let mut dims = grad_y.dims().to_vec();
         let rows = grad_y.elem_count() / out_features;
         let dy = grad_y.reshape((rows, out_features))?;
-        let dx = match (dy.device(), dy.dtype(), self.weight.dtype()) {
-            (candle_core::Device::Cpu, candle_core::DType::F32, candle_core::DType::F32) => {
-                let dy = dy.contiguous()?;
-                let (dys, dyl) = dy.storage_and_layout();
-                let (ws, wl) = self.weight.storage_and_layout();
-                let dy = View::matrix(cpu_f32(&dys, dyl, OP, "dy")?, rows, out_features);
-                let w = View::matrix(cpu_f32(&ws, wl, OP, "weight")?, out_features, in_features);
-                Tensor::from_vec(product(dy, w).to_vec(), (rows, in_features), grad_y.device())?
-            }
-            _ => dy.matmul(&self.weight)?,
+        let dx = if dy.device().is_cpu() {
+            let dy = dy.contiguous()?;
+            let (dys, dyl) = dy.storage_and_layout();
+            let mut dx = super::cpu_output::<f32>(rows * in_features);
+            let dys = cpu_storage(&dys, OP)?;
+            cpu_frozen_product(dys, dyl, None, &self.weight, Side::InputGrad, &mut dx, false)?;
+            super::cpu_tensor_of(dx, (rows, in_features), grad_y.dtype())?
+        } else {
+            dy.matmul(&self.weight)?
         };
         *dims.last_mut().unwrap() = in_features;
         Ok(Some(dx.reshape(dims)?))

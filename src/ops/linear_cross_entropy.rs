@@ -8,9 +8,10 @@
 //!
 //! On the CPU (f32) each chunk is one matrix product into a reused buffer, one parallel pass per row
 //! (max, exponentials, log-sum-exp, loss, then `softmax − onehot` in place) and one product for `dh`.
-//! In bf16 or f16 the same loop runs in f32: `h` widened, the weight widened one block of
-//! [`CPU_WIDE_ROWS`] vocabulary rows at a time for each product, so no vocabulary-sized f32 copy of it
-//! exists, and `dh` rounded once.
+//! In bf16 with AMX ([`amx`]) both products take the bf16 operands as they are (f32 sums; the softmax
+//! gradient rounded to bf16 for the second), a block of [`CPU_WIDE_ROWS`] vocabulary rows at a time.
+//! Otherwise in bf16 or f16 the same loop runs in f32: `h` widened, the weight widened one block at a
+//! time for each product, so no vocabulary-sized f32 copy of it exists, and `dh` rounded once.
 //! Other devices ([`chunked`]) take the logits from a product in the model dtype (cuBLAS on
 //! a GPU, as transformers does), then two row ops that are CUDA kernels (`kernels/cross_entropy.cu`)
 //! with CPU versions: [`RowXent`] reads each row once (online max and sum) for its log-sum-exp and
@@ -23,7 +24,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use rayon::prelude::*;
 
 use super::cpu_gemm::{product, View};
-use super::{contiguous, cpu_output, exp_f32, simd, Elem};
+use super::{amx, contiguous, cpu_output, exp_f32, simd, Elem};
 
 /// Logit elements per chunk on the CPU (24 MB in f32, under glibc's largest mmap threshold, so the
 /// buffer is heap memory rather than fresh zeroed pages), unless that is fewer than [`CPU_MIN_CHUNK_ROWS`].
@@ -36,8 +37,8 @@ const CPU_CHUNK_ELEMS: usize = 6 << 20;
 /// 128k vocabulary (50 MB for SmolLM2's 49k, where 256 rows also ran 10–20% faster than 128).
 const CPU_MIN_CHUNK_ROWS: usize = 256;
 
-/// Vocabulary rows of a bf16/f16 head weight widened to f32 at a time on the CPU (9.4 MB at hidden 576,
-/// 34 MB at 2048).
+/// Vocabulary rows of a bf16/f16 head weight per product on the CPU: widened to f32 at a time (9.4 MB
+/// at hidden 576, 34 MB at 2048), or on AMX the inner dimension of the `dh` product.
 const CPU_WIDE_ROWS: usize = 4096;
 
 /// Logit elements per chunk elsewhere (128 MB in bf16): about 500 rows of a 128k vocabulary, enough
@@ -123,16 +124,10 @@ fn cpu_loss_and_grad(
     let (h, weight) = (h.contiguous()?, weight.contiguous()?);
     let (hs, hl) = h.storage_and_layout();
     let (ws, wl) = weight.storage_and_layout();
-    let h32 = super::cpu_f32_elems(&hs, Some(hl), OP, "h")?;
-    let h = View::matrix(&h32, rows, hidden);
-    // the weight's rows `v0..v0 + n` as f32: borrowed in f32 (one block, the whole vocabulary), widened
-    // a block at a time otherwise
-    let block = if weight.dtype() == DType::F32 { vocab } else { CPU_WIDE_ROWS };
-    let w_rows = |v0: usize, n: usize| {
-        let l = Layout::contiguous_with_offset((n, hidden), wl.start_offset() + v0 * hidden);
-        super::cpu_f32_elems(&ws, Some(&l), OP, "weight")
-    };
-    let blocks = (0..vocab).step_by(block.max(1)).map(|v0| (v0, block.min(vocab - v0)));
+    let products =
+        HeadProducts::new(super::cpu_storage(&hs, OP)?, hl, super::cpu_storage(&ws, OP)?, wl, rows)?;
+    let block = products.block(vocab);
+    let blocks = (0..vocab).step_by(block).map(|v0| (v0, block.min(vocab - v0)));
     let mut logits = super::cpu_output::<f32>(chunk.min(rows) * vocab);
     let mut dh = if need_grad { super::cpu_output::<f32>(rows * hidden) } else { Vec::new() };
     let mut loss = 0f64;
@@ -140,8 +135,7 @@ fn cpu_loss_and_grad(
         let len = chunk.min(rows - start);
         let lg = &mut logits[..len * vocab];
         for (v0, n) in blocks.clone() {
-            let w = w_rows(v0, n)?;
-            product(h.row_range(start, len), View::matrix(&w, n, hidden).t()).write(lg, v0, vocab);
+            products.logits(start, len, v0, n, lg)?;
         }
         loss += lg
             .par_chunks_mut(vocab)
@@ -150,17 +144,104 @@ fn cpu_loss_and_grad(
             .sum::<f64>();
         if need_grad {
             for (v0, n) in blocks.clone() {
-                let (w, p) = (w_rows(v0, n)?, View::strided(lg, v0, len, n, vocab));
-                let prod = product(p, View::matrix(&w, n, hidden));
-                if v0 == 0 {
-                    prod.write(&mut dh, start * hidden, hidden);
-                } else {
-                    prod.add_to(&mut dh, start * hidden, hidden);
-                }
+                products.add_dh(start, len, v0, n, lg, &mut dh)?;
             }
         }
     }
     Ok((loss, need_grad.then_some(dh)))
+}
+
+/// The CPU loop's two products for a chunk of rows and a block of vocabulary rows: bf16 on AMX where
+/// `h` and the weight are both bf16 and the CPU has it (the softmax gradient rounded to bf16 for `dh`,
+/// as a bf16 model's logits are); otherwise f32 on `cpu_gemm`, a bf16/f16 weight widened one block at a
+/// time (a block is the whole vocabulary when the weight is f32).
+enum HeadProducts<'a> {
+    Amx { amx: &'static amx::Amx, h: amx::Rows<'a>, w: amx::Rows<'a> },
+    F32 { h: std::borrow::Cow<'a, [f32]>, w: &'a CpuStorage, wl: &'a Layout },
+}
+
+impl<'a> HeadProducts<'a> {
+    fn new(
+        hs: &'a CpuStorage,
+        hl: &'a Layout,
+        ws: &'a CpuStorage,
+        wl: &'a Layout,
+        rows: usize,
+    ) -> Result<Self> {
+        const OP: &str = "linear_cross_entropy";
+        let (vocab, hidden) = wl.shape().dims2()?;
+        if let (Some(amx), CpuStorage::BF16(hd), CpuStorage::BF16(wd)) = (amx::get(), hs, ws) {
+            let h = amx::Rows::matrix(contiguous(hd, hl, OP, "h")?, rows, hidden);
+            let w = amx::Rows::matrix(contiguous(wd, wl, OP, "weight")?, vocab, hidden);
+            return Ok(HeadProducts::Amx { amx, h, w });
+        }
+        Ok(HeadProducts::F32 { h: super::f32_elems(hs, Some(hl), OP, "h")?, w: ws, wl })
+    }
+
+    /// Vocabulary rows per block: the whole vocabulary for an f32 weight (borrowed, nothing to widen).
+    fn block(&self, vocab: usize) -> usize {
+        match self {
+            HeadProducts::F32 { w: CpuStorage::F32(_), .. } => vocab.max(1),
+            _ => CPU_WIDE_ROWS,
+        }
+    }
+
+    /// The weight's rows `v0..v0 + n` as f32: borrowed in f32, widened otherwise.
+    fn wide_rows(w: &'a CpuStorage, wl: &Layout, v0: usize, n: usize) -> Result<std::borrow::Cow<'a, [f32]>> {
+        let hidden = wl.shape().dims2()?.1;
+        let l = Layout::contiguous_with_offset((n, hidden), wl.start_offset() + v0 * hidden);
+        super::f32_elems(w, Some(&l), "linear_cross_entropy", "weight")
+    }
+
+    /// `lg[.., v0..v0 + n] = h[start..start + len] · W[v0..v0 + n]ᵀ` (`lg`: `len` rows of the vocabulary).
+    fn logits(&self, start: usize, len: usize, v0: usize, n: usize, lg: &mut [f32]) -> Result<()> {
+        let vocab = lg.len() / len;
+        match self {
+            HeadProducts::Amx { amx, h, w } => {
+                let rhs = amx::Rhs::Transposed(w.row_range(v0, n));
+                amx.product(amx::Lhs::Bf16(h.row_range(start, len)), rhs, lg, v0, vocab, false);
+            }
+            HeadProducts::F32 { h, w, wl } => {
+                let hidden = wl.shape().dims2()?.1;
+                let h = View::matrix(h, h.len() / hidden, hidden);
+                let w = Self::wide_rows(w, wl, v0, n)?;
+                product(h.row_range(start, len), View::matrix(&w, n, hidden).t()).write(lg, v0, vocab);
+            }
+        }
+        Ok(())
+    }
+
+    /// `dh[start..start + len] (+)= lg[.., v0..v0 + n] · W[v0..v0 + n]` (written for the first block).
+    fn add_dh(
+        &self,
+        start: usize,
+        len: usize,
+        v0: usize,
+        n: usize,
+        lg: &[f32],
+        dh: &mut [f32],
+    ) -> Result<()> {
+        let vocab = lg.len() / len;
+        let p = View::strided(lg, v0, len, n, vocab);
+        match self {
+            HeadProducts::Amx { amx, w, .. } => {
+                let hidden = w.cols;
+                let rhs = amx::Rhs::Plain(w.row_range(v0, n));
+                amx.product(amx::Lhs::F32(p), rhs, dh, start * hidden, hidden, v0 != 0);
+            }
+            HeadProducts::F32 { w, wl, .. } => {
+                let hidden = wl.shape().dims2()?.1;
+                let w = Self::wide_rows(w, wl, v0, n)?;
+                let prod = product(p, View::matrix(&w, n, hidden));
+                if v0 == 0 {
+                    prod.write(dh, start * hidden, hidden);
+                } else {
+                    prod.add_to(dh, start * hidden, hidden);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One row of logits: returns `logsumexp − logit[label]`, and with `grad` leaves `softmax − onehot`

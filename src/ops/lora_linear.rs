@@ -36,7 +36,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape
 
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
-use super::frozen_linear::cpu_linear;
+use super::frozen_linear::{cpu_bias_rows, cpu_frozen_product, Side};
 use super::gemm_ex::{row_major, GemmEx};
 use super::rotary::{Rotary, RotaryTable};
 use super::{cpu_f32, cpu_f32_elems, cpu_storage, cpu_storage_of, f32_elems, f32_slice};
@@ -466,25 +466,22 @@ impl LoraLinear {
         let rows = x.len() / in_f;
         let (x, a, b) =
             (View::matrix(&x, rows, in_f), f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
-        let (ws, wl) = self.weight.storage_and_layout();
-        let w = cpu_f32_elems(&ws, Some(wl), OP, "weight")?;
-        let w = View::matrix(&w, out_f, in_f);
         // y = (residual +) x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
-        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = bias.as_ref().map(|(bs, bl)| cpu_f32_elems(bs, Some(bl), OP, "bias")).transpose()?;
-        let bias = bias.as_deref();
+        let accumulate = res.is_some() || self.bias.is_some();
         let mut y = match res {
-            None => cpu_linear(x, w, bias),
+            None => cpu_bias_rows(self.bias.as_ref(), rows, out_f)?,
             Some((rs, rl)) => {
                 let mut y = f32_elems(rs, Some(&rl), OP, "residual")?.into_owned();
-                if let Some(bias) = bias {
+                if let Some(bias) = &self.bias {
+                    let (bs, bl) = bias.storage_and_layout();
+                    let bias = cpu_f32_elems(&bs, Some(bl), OP, "bias")?;
                     y.chunks_exact_mut(out_f)
-                        .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
+                        .for_each(|row| row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b));
                 }
-                product(x, w.t()).add_to(&mut y, 0, out_f);
                 y
             }
         };
+        cpu_frozen_product(xs, xl, Some(x.data), &self.weight, Side::Forward, &mut y, accumulate)?;
         let xd = self.dropped(x.data);
         let t = rank_product(View::matrix(&xd, rows, in_f), View::matrix(a, r, in_f));
         product(View::matrix(&t, rows, r), View::matrix(b, out_f, r).t())
@@ -515,22 +512,21 @@ impl LoraLinear {
         let (a_s, al) = a_t.storage_and_layout();
         let (b_s, bl) = b_t.storage_and_layout();
         let (dys, dyl) = dy_t.storage_and_layout();
-        let (ws, wl) = self.weight.storage_and_layout();
         let x = cpu_f32_elems(&xs, Some(xl), OP, "x")?;
         let a = View::matrix(cpu_f32(&a_s, al, OP, "A")?, r, in_f);
         let b = View::matrix(cpu_f32(&b_s, bl, OP, "B")?, out_f, r);
         let dy = cpu_f32_elems(&dys, Some(dyl), OP, "dy")?;
         let dy = View::matrix(&dy, rows, out_f);
-        let w = cpu_f32_elems(&ws, Some(wl), OP, "weight")?;
-        let w = View::matrix(&w, out_f, in_f);
 
         // u = dy·B: [rows, r]
         let u = product(dy, b).to_vec();
         let u = View::matrix(&u, rows, r);
         // dx = dy·W + s · mask ⊙ (u·A); layer 0's q, k and v read the frozen embeddings, and nothing
         // upstream wants their dx
-        let dx = x_t.track_op().then(|| {
-            let mut dx = product(dy, w).to_vec();
+        let dys = cpu_storage(&dys, OP)?;
+        let dx = x_t.track_op().then(|| -> Result<Vec<f32>> {
+            let mut dx = super::cpu_output::<f32>(rows * in_f);
+            cpu_frozen_product(dys, dyl, Some(dy.data), &self.weight, Side::InputGrad, &mut dx, false)?;
             match &self.mask {
                 None => product(u, a).scaled(s).add_to(&mut dx, 0, in_f),
                 Some(m) => {
@@ -540,7 +536,7 @@ impl LoraLinear {
                     }
                 }
             }
-            dx
+            Ok(dx)
         });
         let xd = self.dropped(&x);
         let xd = View::matrix(&xd, rows, in_f);
@@ -553,7 +549,7 @@ impl LoraLinear {
         let db = product(dy.t(), View::matrix(&t, rows, r)).scaled(s).to_vec();
 
         let device = x_t.device();
-        let dx = dx.map(|dx| super::cpu_tensor_of(dx, x_t.shape(), x_t.dtype())).transpose()?;
+        let dx = dx.transpose()?.map(|dx| super::cpu_tensor_of(dx, x_t.shape(), x_t.dtype())).transpose()?;
         Ok((
             dx,
             Some(Tensor::from_vec(da, (r, in_f), device)?),

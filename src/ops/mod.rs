@@ -41,6 +41,7 @@ macro_rules! with_float_type {
 }
 
 pub mod adamw;
+pub mod amx;
 pub mod attention;
 mod cpu_gemm;
 pub mod dropout;

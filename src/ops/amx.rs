@@ -1,0 +1,590 @@
+//! Intel AMX matrix products in bf16 for the CPU path in bf16: `dst (f32) = lhs · rhs` with bf16
+//! operands, exact products and f32 sums (`tdpbf16ps`), for the frozen weights' products.
+//!
+//! On a Sapphire Rapids Xeon each core's AMX unit multiplies bf16 at up to 16× its AVX-512 f32 rate.
+//! Without it, bf16 training on the CPU widened every operand to f32 and ran OpenBLAS's `sgemm`
+//! (about 280 GFLOP/s on two cores), and PyTorch's bf16 (oneDNN on AMX) trained SmolLM2 faster than
+//! candor did. Here a 2 × 2-tile kernel (four 16 × 16 f32 accumulators, two 16 × 32 bf16 tiles of
+//! `lhs`, two of `rhs`) runs the decoder's products at 0.8–1.0 TFLOP/s on two cores.
+//!
+//! Operands: `lhs` is bf16 rows read in place where its width is a multiple of 32 (or f32 or any
+//! other width, copied to padded bf16 rows once per product); `rhs` is a frozen weight `W` stored
+//! `[rows, cols]`, used as `Wᵀ` (a projection's forward, `x·Wᵀ`) or as `W` (its input gradient,
+//! `dy·W`). Each task packs one 32-column panel of `rhs` at a time into the pairs-of-rows layout the
+//! unit reads (32 × K values, in cache while every row block of `lhs` passes over it), so no packed copy
+//! of a weight outlives the product. Zero padding covers every edge; the accumulators of an edge block
+//! go through a small buffer, so nothing outside `dst`'s block is written.
+//!
+//! Where it runs: x86-64 CPUs reporting AMX-TILE and AMX-BF16 (CPUID), on a Linux kernel that grants
+//! the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux ≥ 5.16). `CANDOR_AMX=off` turns it
+//! off; [`set_suspended`] does the same between steps for in-process A/B measurements.
+//! Tile registers are not something the compiler knows of or uses: each task loads its tile
+//! configuration before its first tile instruction and releases the tiles when it ends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use half::bf16;
+
+use super::cpu_gemm::View;
+
+/// Rows of `lhs` (and of `dst`) per kernel call: two tiles of 16.
+const MB: usize = 32;
+/// Columns of `rhs` per packed panel: two tiles of 16.
+const NB: usize = 32;
+/// The inner dimension per tile step: 16 rows of bf16 pairs.
+const KB: usize = 32;
+/// bf16 values per packed `rhs` tile (16 × 32).
+const TILE: usize = 512;
+
+/// bf16 rows of `lhs`: element `(i, j)` is `data[offset + i·rs + j]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub data: &'a [bf16],
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// A contiguous row-major `rows × cols` matrix filling `data`.
+    pub fn matrix(data: &'a [bf16], rows: usize, cols: usize) -> Self {
+        Rows { data, offset: 0, rows, cols, rs: cols }
+    }
+
+    /// Rows `first..first + count`.
+    pub fn row_range(self, first: usize, count: usize) -> Self {
+        Rows { offset: self.offset + first * self.rs, rows: count, ..self }
+    }
+
+    fn check(&self, what: &str) {
+        assert!(self.rs >= self.cols || self.rows <= 1, "amx: {what} rows overlap");
+        if self.rows > 0 && self.cols > 0 {
+            let last = self.offset + (self.rows - 1) * self.rs + self.cols - 1;
+            assert!(last < self.data.len(), "amx: {what} reaches {last}, slice has {}", self.data.len());
+        }
+    }
+
+    fn at(&self, i: usize, j: usize) -> bf16 {
+        self.data[self.offset + i * self.rs + j]
+    }
+}
+
+/// The left operand.
+#[derive(Clone, Copy)]
+pub(crate) enum Lhs<'a> {
+    Bf16(Rows<'a>),
+    /// Rounded to bf16 (to nearest even) while copied into the padded rows.
+    F32(View<'a>),
+}
+
+impl Lhs<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Lhs::Bf16(r) => (r.rows, r.cols),
+            Lhs::F32(v) => (v.rows, v.cols),
+        }
+    }
+}
+
+/// The right operand: a weight `W` stored as [`Rows`], used as `Wᵀ` or as `W`.
+#[derive(Clone, Copy)]
+pub(crate) enum Rhs<'a> {
+    Transposed(Rows<'a>),
+    Plain(Rows<'a>),
+}
+
+impl Rhs<'_> {
+    /// `(inner, cols)` of the operand as used.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Rhs::Transposed(w) => (w.cols, w.rows),
+            Rhs::Plain(w) => (w.rows, w.cols),
+        }
+    }
+}
+
+/// The permission to use the unit, checked once per process.
+pub(crate) struct Amx(());
+
+static SUSPENDED: AtomicBool = AtomicBool::new(false);
+
+/// While suspended, [`get`] answers `None` and bf16 products widen to f32 as with `CANDOR_AMX=off`;
+/// unlike the variable this can change between steps (`bench train-step --alternate amx`).
+pub fn set_suspended(on: bool) {
+    SUSPENDED.store(on, Ordering::Relaxed);
+}
+
+/// The unit, if this CPU and kernel offer it and neither `CANDOR_AMX=off` nor [`set_suspended`]
+/// turned it off.
+pub(crate) fn get() -> Option<&'static Amx> {
+    if SUSPENDED.load(Ordering::Relaxed) {
+        return None;
+    }
+    probe().as_ref().ok()
+}
+
+/// Whether the unit is usable, and if not why (for `candor info` and logs).
+pub fn describe() -> String {
+    match probe() {
+        Ok(_) if SUSPENDED.load(Ordering::Relaxed) => "AMX-BF16 (suspended)".into(),
+        Ok(_) => "AMX-BF16 for bf16 products".into(),
+        Err(why) => format!("no AMX: {why}"),
+    }
+}
+
+fn probe() -> &'static Result<Amx, String> {
+    static PROBE: OnceLock<Result<Amx, String>> = OnceLock::new();
+    PROBE.get_or_init(|| {
+        if std::env::var("CANDOR_AMX").is_ok_and(|v| v == "off") {
+            return Err("CANDOR_AMX=off".into());
+        }
+        request()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn request() -> Result<Amx, String> {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
+        return Err("the CPU has no AMX-BF16".into());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with two integer arguments; on success the process (all its
+        // threads) may use the tile registers.
+        let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        if r != 0 {
+            return Err(format!(
+                "the kernel refused the tile state (arch_prctl: {}; Linux 5.16 or newer grants it)",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Amx(()))
+    }
+    #[cfg(not(target_os = "linux"))]
+    Err("AMX is used on Linux only".into())
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn request() -> Result<Amx, String> {
+    Err("not an x86-64 CPU".into())
+}
+
+/// `lhs`'s rows as the kernel reads them: bf16, `stride` apart, each padded with zeros to a multiple of
+/// 32 values, and (for `padded`) zero rows up to a multiple of 32.
+struct LhsRows<'a> {
+    base: *const bf16,
+    stride: usize,
+    /// Owns the rows when they were copied (`base` points into it); `None` when read in place, where
+    /// a last block of fewer than 32 rows is copied by the task that needs it.
+    _copy: Option<Vec<bf16>>,
+    source: Option<Rows<'a>>,
+}
+
+// SAFETY: the rows are only read, and the buffer they may point into lives as long as this value.
+unsafe impl Send for LhsRows<'_> {}
+unsafe impl Sync for LhsRows<'_> {}
+
+impl<'a> LhsRows<'a> {
+    fn new(lhs: Lhs<'a>, m: usize, k: usize) -> Self {
+        let kp = k.next_multiple_of(KB);
+        match lhs {
+            Lhs::Bf16(r) if k.is_multiple_of(KB) => {
+                // SAFETY: offset is inside the slice (checked by `Rows::check`)
+                let base = unsafe { r.data.as_ptr().add(r.offset) };
+                LhsRows { base, stride: r.rs, _copy: None, source: Some(r) }
+            }
+            _ => {
+                use rayon::prelude::*;
+                let rows = m.next_multiple_of(MB);
+                let mut copy = vec![bf16::ZERO; rows * kp];
+                copy.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| match lhs {
+                    Lhs::Bf16(r) => (0..k).for_each(|j| row[j] = r.at(i, j)),
+                    Lhs::F32(v) => {
+                        (0..k).for_each(|j| row[j] = bf16::from_f32(v.data[v.offset + i * v.rs + j * v.cs]))
+                    }
+                });
+                LhsRows { base: copy.as_ptr(), stride: kp, _copy: Some(copy), source: None }
+            }
+        }
+    }
+
+    /// The start of row block `i0..i0 + 32` and its row stride: in place, or (a last partial block
+    /// read in place) copied into `tail`.
+    fn block(&self, i0: usize, m: usize, tail: &mut Vec<bf16>) -> (*const bf16, usize) {
+        match &self.source {
+            Some(r) if i0 + MB > m => {
+                let k = r.cols;
+                tail.clear();
+                tail.resize(MB * k, bf16::ZERO);
+                for i in i0..m {
+                    let at = r.offset + i * r.rs;
+                    tail[(i - i0) * k..][..k].copy_from_slice(&r.data[at..at + k]);
+                }
+                (tail.as_ptr(), k)
+            }
+            // SAFETY (of the `add`): a full block in place, or a row of the padded copy
+            _ => (unsafe { self.base.add(i0 * self.stride) }, self.stride),
+        }
+    }
+}
+
+/// Packs columns `n0..n0 + 32` of `rhs` (`k × n` as used) into `out`: per step of 32 along `k`, two
+/// tiles (columns `n0..+16`, `n0+16..+32`) of 16 rows, each row 16 pairs `(rhs[2r][c], rhs[2r+1][c])`.
+/// Values beyond `k` or `n` are zeros.
+fn pack_panel(rhs: Rhs, n0: usize, out: &mut [bf16]) {
+    let (k, n) = rhs.dims();
+    let steps = k.div_ceil(KB);
+    let cols = NB.min(n - n0);
+    if cols < NB || !k.is_multiple_of(KB) {
+        out.fill(bf16::ZERO);
+    }
+    match rhs {
+        // (rhs[κ][c], rhs[κ+1][c]) = (W[c][κ], W[c][κ+1]): adjacent in W's row c
+        Rhs::Transposed(w) => {
+            for c in 0..cols {
+                let row = &w.data[w.offset + (n0 + c) * w.rs..][..k];
+                let (t, c16) = (c / 16, c % 16);
+                for p in 0..steps {
+                    let tile = &mut out[(2 * p + t) * TILE..][..TILE];
+                    let seg = &row[p * KB..k.min(p * KB + KB)];
+                    if seg.len() == KB {
+                        for r in 0..16 {
+                            tile[r * 32 + 2 * c16] = seg[2 * r];
+                            tile[r * 32 + 2 * c16 + 1] = seg[2 * r + 1];
+                        }
+                    } else {
+                        for (j, &v) in seg.iter().enumerate() {
+                            tile[(j / 2) * 32 + 2 * c16 + j % 2] = v;
+                        }
+                    }
+                }
+            }
+        }
+        // (rhs[κ][c], rhs[κ+1][c]) = (W[κ][c], W[κ+1][c]): two rows of W interleaved
+        Rhs::Plain(w) => {
+            for p in 0..steps {
+                for r in 0..16 {
+                    let kk = p * KB + 2 * r;
+                    if kk >= k {
+                        break;
+                    }
+                    let row0 = &w.data[w.offset + kk * w.rs + n0..][..cols];
+                    let row1 = (kk + 1 < k).then(|| &w.data[w.offset + (kk + 1) * w.rs + n0..][..cols]);
+                    for t in 0..cols.div_ceil(16) {
+                        let tile = &mut out[(2 * p + t) * TILE + r * 32..][..32];
+                        let width = 16.min(cols - 16 * t);
+                        for c in 0..width {
+                            tile[2 * c] = row0[16 * t + c];
+                            tile[2 * c + 1] = row1.map_or(bf16::ZERO, |r1| r1[16 * t + c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tile configuration: palette 1, tiles 0–7 all 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const CONFIG: TileConfig = {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    TileConfig(c)
+};
+
+/// The tiles configured for one task on its thread, released when dropped.
+struct Tiles;
+
+impl Tiles {
+    fn load(_: &Amx) -> Tiles {
+        // SAFETY: the process holds the tile permission (an `Amx` exists); CONFIG is a valid palette-1
+        // configuration.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        }
+        Tiles
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: releases the tile state configured in `load`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}
+
+/// One 32 × 32 block: `c (f32, rows ldc apart) (+)= a (32 rows, lda apart) · panel` over `steps` steps
+/// of 32 along the inner dimension.
+///
+/// # Safety
+/// Tiles are configured ([`Tiles`]); `a` has 32 readable rows of `32·steps` values, `panel`
+/// `steps · 2` packed tiles, `c` 32 writable (and with `accumulate` readable) rows of 32 values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel(
+    a: *const bf16,
+    lda: usize,
+    panel: *const bf16,
+    steps: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::asm;
+    let (c1, ldc) = (c.add(16 * ldc), ldc * 4);
+    if accumulate {
+        asm!(
+            "tileloadd tmm0, [{c0} + {ldc}*1]",
+            "tileloadd tmm1, [{c0} + {ldc}*1 + 64]",
+            "tileloadd tmm2, [{c1} + {ldc}*1]",
+            "tileloadd tmm3, [{c1} + {ldc}*1 + 64]",
+            c0 = in(reg) c, c1 = in(reg) c1, ldc = in(reg) ldc, options(nostack, readonly),
+        );
+    } else {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+    asm!(
+        "2:",
+        "tileloadd tmm4, [{a0} + {lda}*1]",
+        "tileloadd tmm6, [{b} + {s64}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {lda}*1]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 64",
+        "add {a1}, 64",
+        "add {b}, 2048",
+        "dec {n}",
+        "jnz 2b",
+        "tilestored [{c0} + {ldc}*1], tmm0",
+        "tilestored [{c0} + {ldc}*1 + 64], tmm1",
+        "tilestored [{c1} + {ldc}*1], tmm2",
+        "tilestored [{c1} + {ldc}*1 + 64], tmm3",
+        a0 = inout(reg) a => _,
+        a1 = inout(reg) a.add(16 * lda) => _,
+        b = inout(reg) panel => _,
+        n = inout(reg) steps => _,
+        lda = in(reg) lda * 2,
+        s64 = in(reg) 64usize,
+        c0 = in(reg) c,
+        c1 = in(reg) c1,
+        ldc = in(reg) ldc,
+        options(nostack),
+    );
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: *const bf16, _: usize, _: *const bf16, _: usize, _: *mut f32, _: usize, _: bool) {
+    unreachable!("an Amx exists only on x86-64")
+}
+
+/// The destination, shared by the tasks (which write disjoint blocks).
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+
+// SAFETY: each task writes only its own blocks.
+unsafe impl Send for Dst {}
+unsafe impl Sync for Dst {}
+
+impl Dst {
+    /// # Safety
+    /// `offset` is inside the destination slice.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
+impl Amx {
+    /// `dst = lhs · rhs` (`accumulate`: `dst += …`) on all threads, `dst` row-major from `offset` with
+    /// row stride `rs`. Panics (before touching memory) if the inner dimensions differ or a view
+    /// does not fit its slice.
+    pub fn product(&self, lhs: Lhs, rhs: Rhs, dst: &mut [f32], offset: usize, rs: usize, accumulate: bool) {
+        let ((m, k), (k2, n)) = (lhs.dims(), rhs.dims());
+        assert_eq!(k, k2, "amx: [{m}×{k}]·[{k2}×{n}]");
+        if m == 0 || n == 0 {
+            return;
+        }
+        let last = offset + (m - 1) * rs + n - 1;
+        assert!(last < dst.len(), "amx: dst reaches {last}, slice has {}", dst.len());
+        assert!(rs >= n || m == 1, "amx: dst rows overlap");
+        match lhs {
+            Lhs::Bf16(r) => r.check("lhs"),
+            Lhs::F32(v) => {
+                let last = v.offset + (m - 1) * v.rs + k.saturating_sub(1) * v.cs;
+                assert!(k == 0 || last < v.data.len(), "amx: lhs reaches {last}, slice has {}", v.data.len());
+            }
+        }
+        match rhs {
+            Rhs::Transposed(w) | Rhs::Plain(w) => w.check("rhs"),
+        }
+        if k == 0 {
+            if !accumulate {
+                (0..m).for_each(|i| dst[offset + i * rs..][..n].fill(0.0));
+            }
+            return;
+        }
+        let rows = LhsRows::new(lhs, m, k);
+        let steps = k.div_ceil(KB);
+        let (panels, blocks) = (n.div_ceil(NB), m.div_ceil(MB));
+        let threads = rayon::current_num_threads().max(1);
+        // split the panels over the tasks (each packs only its own), or with fewer panels than
+        // threads and more row blocks, the row blocks (each task packs every panel)
+        let by_panels = panels >= threads || panels >= blocks;
+        let parts = if by_panels { panels.min(threads) } else { blocks.min(threads) };
+        let dst = Dst(dst.as_mut_ptr());
+        let task = |part: usize| {
+            let (p_range, b_range) = if by_panels {
+                (panels * part / parts..panels * (part + 1) / parts, 0..blocks)
+            } else {
+                (0..panels, blocks * part / parts..blocks * (part + 1) / parts)
+            };
+            let _tiles = Tiles::load(self);
+            let mut panel = vec![bf16::ZERO; steps * 2 * TILE];
+            let mut tail = Vec::new();
+            let mut edge = [0f32; MB * NB];
+            for j in p_range {
+                let n0 = j * NB;
+                pack_panel(rhs, n0, &mut panel);
+                let cols = NB.min(n - n0);
+                for b in b_range.clone() {
+                    let i0 = b * MB;
+                    let (a, lda) = rows.block(i0, m, &mut tail);
+                    let height = MB.min(m - i0);
+                    // SAFETY: `a` has 32 rows of 32·steps values (in place: a full block of `lhs`,
+                    // whose width is 32·steps; copied: padded rows); the panel has steps·2 tiles;
+                    // a full block of dst is inside it (checked above) and written by this task
+                    // only; an edge block goes through `edge`.
+                    unsafe {
+                        let at = dst.at(offset + i0 * rs + n0);
+                        if height == MB && cols == NB {
+                            kernel(a, lda, panel.as_ptr(), steps, at, rs, accumulate);
+                        } else {
+                            kernel(a, lda, panel.as_ptr(), steps, edge.as_mut_ptr(), NB, false);
+                            for i in 0..height {
+                                let (src, out) = (&edge[i * NB..][..cols], at.add(i * rs));
+                                for (c, &v) in src.iter().enumerate() {
+                                    *out.add(c) = if accumulate { *out.add(c) + v } else { v };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if parts == 1 {
+            task(0);
+        } else {
+            use rayon::prelude::*;
+            (0..parts).into_par_iter().for_each(task);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amx() -> Option<&'static Amx> {
+        let got = get();
+        if got.is_none() {
+            eprintln!("amx tests skipped: {}", describe());
+        }
+        got
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 37 + seed * 11) % 101) as f32 / 25.0 - 2.0).collect()
+    }
+
+    fn round(v: &[f32]) -> Vec<bf16> {
+        v.iter().map(|&x| bf16::from_f32(x)).collect()
+    }
+
+    /// Every layout and awkward size (edges in all three dimensions, in-place and copied rows, f32 rows,
+    /// strided rows, accumulation) against a naive f64 loop over the same bf16 values; the padding
+    /// around dst's block is untouched.
+    #[test]
+    fn products_match_a_naive_loop_on_the_bf16_values() {
+        let Some(amx) = amx() else { return };
+        for (m, k, n) in [(37, 45, 70), (64, 64, 64), (50, 96, 33), (5, 32, 200), (96, 160, 17), (1, 7, 1)] {
+            let rs_a = k + 3;
+            let a32 = values(m * rs_a, 1);
+            let a16 = round(&a32);
+            let a_at = |i: usize, j: usize| a16[i * rs_a + j].to_f32() as f64;
+            // W stored [n, k + 5] for Wᵀ, [k, n + 2] for W
+            let (wt_rs, w_rs) = (k + 5, n + 2);
+            let wt = round(&values(n * wt_rs, 2));
+            let w = round(&values(k * w_rs, 3));
+            let ld = n + 4;
+            for (name, rhs, b_at) in [
+                ("Wᵀ", Rhs::Transposed(Rows { data: &wt, offset: 0, rows: n, cols: k, rs: wt_rs }), 0),
+                ("W", Rhs::Plain(Rows { data: &w, offset: 0, rows: k, cols: n, rs: w_rs }), 1),
+            ] {
+                let b = |l: usize, j: usize| {
+                    if b_at == 0 { wt[j * wt_rs + l] } else { w[l * w_rs + j] }.to_f32() as f64
+                };
+                let want: Vec<f64> =
+                    (0..m * n).map(|e| (0..k).map(|l| a_at(e / n, l) * b(l, e % n)).sum()).collect();
+                let lhs_bf16 = Lhs::Bf16(Rows { data: &a16, offset: 0, rows: m, cols: k, rs: rs_a });
+                // the f32 rows are the bf16 values widened, so both give the same products
+                let a_wide: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
+                let lhs_f32 = Lhs::F32(View::strided(&a_wide, 0, m, k, rs_a));
+                for (lhs, accumulate) in [(lhs_bf16, false), (lhs_bf16, true), (lhs_f32, false)] {
+                    let mut dst = vec![1f32; 2 + m * ld];
+                    amx.product(lhs, rhs, &mut dst, 2, ld, accumulate);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let expect = want[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                            let got = dst[2 + i * ld + j] as f64;
+                            let tol =
+                                1e-5 * (1.0 + (0..k).map(|l| (a_at(i, l) * b(l, j)).abs()).sum::<f64>());
+                            assert!(
+                                (got - expect).abs() < tol,
+                                "{name} {m}x{k}x{n} ({i},{j}): {got} vs {expect}"
+                            );
+                        }
+                        assert!(dst[2 + i * ld + n..][..4.min(dst.len() - 2 - i * ld - n)]
+                            .iter()
+                            .all(|&v| v == 1.0));
+                    }
+                    assert_eq!(dst[..2], [1.0, 1.0]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "amx: lhs reaches")]
+    fn a_view_past_its_slice_panics_before_touching_memory() {
+        let Some(amx) = get() else { panic!("amx: lhs reaches (no AMX here: {})", describe()) };
+        let (a, w) = (vec![bf16::ZERO; 60], vec![bf16::ZERO; 64 * 32]);
+        let mut dst = vec![0f32; 2 * 64];
+        amx.product(
+            Lhs::Bf16(Rows::matrix(&a, 2, 32)),
+            Rhs::Transposed(Rows::matrix(&w, 64, 32)),
+            &mut dst,
+            0,
+            64,
+            false,
+        );
+    }
+}
