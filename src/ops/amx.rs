@@ -241,6 +241,19 @@ fn pack_panel(rhs: Rhs, n0: usize, out: &mut [bf16]) {
     let (k, n) = rhs.dims();
     let steps = k.div_ceil(KB);
     let cols = NB.min(n - n0);
+    #[cfg(target_arch = "x86_64")]
+    if cols == NB && k.is_multiple_of(KB) {
+        // SAFETY: every CPU with AMX has AVX-512F and BW (only an `Amx` holder packs); a full panel's
+        // rows and columns are inside the weight (checked by `Rows::check` before any task runs), and
+        // `out` holds steps · 2 tiles.
+        unsafe {
+            match rhs {
+                Rhs::Transposed(w) => pack_transposed_avx512(w, n0, steps, out),
+                Rhs::Plain(w) => pack_plain_avx512(w, n0, steps, out),
+            }
+        }
+        return;
+    }
     if cols < NB || !k.is_multiple_of(KB) {
         out.fill(bf16::ZERO);
     }
@@ -286,6 +299,87 @@ fn pack_panel(rhs: Rhs, n0: usize, out: &mut [bf16]) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// [`pack_panel`] for a full panel of `Wᵀ`: each tile is a 16 × 16 transpose of 32-bit pairs (tile
+/// row `r` holds `W[n0 + c][32p + 2r ..+ 2]` for the 16 columns `c`), done in registers.
+///
+/// # Safety
+/// AVX-512F is present; rows `n0..n0 + 32` of `w` have `32 · steps` values; `out` holds `steps · 2` tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_transposed_avx512(w: Rows, n0: usize, steps: usize, out: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    let base = w.data.as_ptr().add(w.offset + n0 * w.rs);
+    let dst = out.as_mut_ptr();
+    for p in 0..steps {
+        for t in 0..2 {
+            // rows c = 0..16: 16 pairs each
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (c, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(base.add((16 * t + c) * w.rs + p * KB) as *const _);
+            }
+            let mut u = [_mm512_setzero_si512(); 16];
+            for q in 0..4 {
+                let (a, b, c, d) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+                let (t0, t1) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+                let (t2, t3) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+                // per 128-bit lane j: column 4j (+0, +1, +2, +3) of rows 4q..4q+4
+                u[4 * q] = _mm512_unpacklo_epi64(t0, t2);
+                u[4 * q + 1] = _mm512_unpackhi_epi64(t0, t2);
+                u[4 * q + 2] = _mm512_unpacklo_epi64(t1, t3);
+                u[4 * q + 3] = _mm512_unpackhi_epi64(t1, t3);
+            }
+            let tile = dst.add((2 * p + t) * TILE);
+            for i in 0..4 {
+                let (v0, v1) = (
+                    _mm512_shuffle_i32x4::<0x88>(u[i], u[4 + i]),
+                    _mm512_shuffle_i32x4::<0xdd>(u[i], u[4 + i]),
+                );
+                let (w0, w1) = (
+                    _mm512_shuffle_i32x4::<0x88>(u[8 + i], u[12 + i]),
+                    _mm512_shuffle_i32x4::<0xdd>(u[8 + i], u[12 + i]),
+                );
+                // columns i, i + 8, i + 4, i + 12: tile rows of that index
+                for (row, v) in [
+                    (i, _mm512_shuffle_i32x4::<0x88>(v0, w0)),
+                    (i + 8, _mm512_shuffle_i32x4::<0xdd>(v0, w0)),
+                    (i + 4, _mm512_shuffle_i32x4::<0x88>(v1, w1)),
+                    (i + 12, _mm512_shuffle_i32x4::<0xdd>(v1, w1)),
+                ] {
+                    _mm512_storeu_si512(tile.add(row * 32) as *mut _, v);
+                }
+            }
+        }
+    }
+}
+
+/// [`pack_panel`] for a full panel of `W`: tile row `r` interleaves rows `32p + 2r` and `32p + 2r + 1`
+/// of `W` over the tile's 16 columns.
+///
+/// # Safety
+/// AVX-512F and BW are present; rows `0..32 · steps` of `w` have columns `n0..n0 + 32`; `out` holds
+/// `steps · 2` tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_plain_avx512(w: Rows, n0: usize, steps: usize, out: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    // output lane 2c takes row 0's column c, lane 2c + 1 row 1's (at 32 + c in the pair of registers)
+    let lo: [i16; 32] = std::array::from_fn(|e| (e / 2 + (e % 2) * 32) as i16);
+    let hi: [i16; 32] = std::array::from_fn(|e| (16 + e / 2 + (e % 2) * 32) as i16);
+    let (lo, hi) = (_mm512_loadu_si512(lo.as_ptr() as *const _), _mm512_loadu_si512(hi.as_ptr() as *const _));
+    let base = w.data.as_ptr().add(w.offset + n0);
+    let dst = out.as_mut_ptr();
+    for p in 0..steps {
+        for r in 0..16 {
+            let k0 = p * KB + 2 * r;
+            let row0 = _mm512_loadu_si512(base.add(k0 * w.rs) as *const _);
+            let row1 = _mm512_loadu_si512(base.add((k0 + 1) * w.rs) as *const _);
+            let tile0 = dst.add(2 * p * TILE + r * 32);
+            _mm512_storeu_si512(tile0 as *mut _, _mm512_permutex2var_epi16(row0, lo, row1));
+            _mm512_storeu_si512(tile0.add(TILE) as *mut _, _mm512_permutex2var_epi16(row0, hi, row1));
         }
     }
 }
