@@ -205,6 +205,13 @@ impl<'a> LhsRows<'a> {
                 let mut copy = vec![bf16::ZERO; rows * kp];
                 copy.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| match lhs {
                     Lhs::Bf16(r) => (0..k).for_each(|j| row[j] = r.at(i, j)),
+                    Lhs::F32(v) if v.cs == 1 => {
+                        let src = &v.data[v.offset + i * v.rs..][..k];
+                        super::simd::vectorised(
+                            #[inline(always)]
+                            || row[..k].iter_mut().zip(src).for_each(|(d, &s)| *d = bf16::from_f32(s)),
+                        )
+                    }
                     Lhs::F32(v) => {
                         (0..k).for_each(|j| row[j] = bf16::from_f32(v.data[v.offset + i * v.rs + j * v.cs]))
                     }
