@@ -191,19 +191,36 @@ unsafe impl Send for LhsRows<'_> {}
 unsafe impl Sync for LhsRows<'_> {}
 
 impl<'a> LhsRows<'a> {
-    fn new(lhs: Lhs<'a>, m: usize, k: usize) -> Self {
+    /// `parallel`: copy on all threads (a product on all threads) or on this one.
+    fn new(lhs: Lhs<'a>, m: usize, k: usize, parallel: bool) -> Self {
         let kp = k.next_multiple_of(KB);
-        match lhs {
-            Lhs::Bf16(r) if k.is_multiple_of(KB) => {
+        if let Lhs::Bf16(r) = lhs {
+            if k.is_multiple_of(KB) {
                 // SAFETY: offset is inside the slice (checked by `Rows::check`)
                 let base = unsafe { r.data.as_ptr().add(r.offset) };
-                LhsRows { base, stride: r.rs, _copy: None, source: Some(r) }
+                return LhsRows { base, stride: r.rs, _copy: None, source: Some(r) };
+            }
+        }
+        let mut copy = vec![bf16::ZERO; m.next_multiple_of(MB) * kp];
+        match lhs {
+            // stored transposed (a column-major view): 16 × 16 blocks transposed in registers
+            #[cfg(target_arch = "x86_64")]
+            Lhs::F32(v) if v.rs == 1 && v.cs != 1 => {
+                let rows = &mut copy[..m * kp];
+                let block = |(b, rows): (usize, &mut [bf16])| {
+                    // SAFETY: AVX-512F is present wherever an `Amx` exists; the view is in bounds
+                    // (checked in `run`) and `rows` holds the block's rows of `kp` values.
+                    unsafe { round_transposed_avx512(v, 16 * b, rows, kp) }
+                };
+                if parallel {
+                    use rayon::prelude::*;
+                    rows.par_chunks_mut(16 * kp).enumerate().for_each(block);
+                } else {
+                    rows.chunks_mut(16 * kp).enumerate().for_each(block);
+                }
             }
             _ => {
-                use rayon::prelude::*;
-                let rows = m.next_multiple_of(MB);
-                let mut copy = vec![bf16::ZERO; rows * kp];
-                copy.par_chunks_mut(kp).take(m).enumerate().for_each(|(i, row)| match lhs {
+                let row = |(i, row): (usize, &mut [bf16])| match lhs {
                     Lhs::Bf16(r) => (0..k).for_each(|j| row[j] = r.at(i, j)),
                     Lhs::F32(v) if v.cs == 1 => {
                         let src = &v.data[v.offset + i * v.rs..][..k];
@@ -215,10 +232,16 @@ impl<'a> LhsRows<'a> {
                     Lhs::F32(v) => {
                         (0..k).for_each(|j| row[j] = bf16::from_f32(v.data[v.offset + i * v.rs + j * v.cs]))
                     }
-                });
-                LhsRows { base: copy.as_ptr(), stride: kp, _copy: Some(copy), source: None }
+                };
+                if parallel {
+                    use rayon::prelude::*;
+                    copy.par_chunks_mut(kp).take(m).enumerate().for_each(row);
+                } else {
+                    copy.chunks_mut(kp).take(m).enumerate().for_each(row);
+                }
             }
         }
+        LhsRows { base: copy.as_ptr(), stride: kp, _copy: Some(copy), source: None }
     }
 
     /// The start of row block `i0..i0 + 32` and its row stride: in place, or (a last partial block
@@ -328,37 +351,85 @@ unsafe fn pack_transposed_avx512(w: Rows, n0: usize, steps: usize, out: &mut [bf
             for (c, v) in r.iter_mut().enumerate() {
                 *v = _mm512_loadu_si512(base.add((16 * t + c) * w.rs + p * KB) as *const _);
             }
-            let mut u = [_mm512_setzero_si512(); 16];
-            for q in 0..4 {
-                let (a, b, c, d) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
-                let (t0, t1) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-                let (t2, t3) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-                // per 128-bit lane j: column 4j (+0, +1, +2, +3) of rows 4q..4q+4
-                u[4 * q] = _mm512_unpacklo_epi64(t0, t2);
-                u[4 * q + 1] = _mm512_unpackhi_epi64(t0, t2);
-                u[4 * q + 2] = _mm512_unpacklo_epi64(t1, t3);
-                u[4 * q + 3] = _mm512_unpackhi_epi64(t1, t3);
-            }
             let tile = dst.add((2 * p + t) * TILE);
-            for i in 0..4 {
-                let (v0, v1) = (
-                    _mm512_shuffle_i32x4::<0x88>(u[i], u[4 + i]),
-                    _mm512_shuffle_i32x4::<0xdd>(u[i], u[4 + i]),
-                );
-                let (w0, w1) = (
-                    _mm512_shuffle_i32x4::<0x88>(u[8 + i], u[12 + i]),
-                    _mm512_shuffle_i32x4::<0xdd>(u[8 + i], u[12 + i]),
-                );
-                // columns i, i + 8, i + 4, i + 12: tile rows of that index
-                for (row, v) in [
-                    (i, _mm512_shuffle_i32x4::<0x88>(v0, w0)),
-                    (i + 8, _mm512_shuffle_i32x4::<0xdd>(v0, w0)),
-                    (i + 4, _mm512_shuffle_i32x4::<0x88>(v1, w1)),
-                    (i + 12, _mm512_shuffle_i32x4::<0xdd>(v1, w1)),
-                ] {
-                    _mm512_storeu_si512(tile.add(row * 32) as *mut _, v);
-                }
+            for (row, v) in transpose16(r).into_iter().enumerate() {
+                _mm512_storeu_si512(tile.add(row * 32) as *mut _, v);
             }
+        }
+    }
+}
+
+/// The transpose of a 16 × 16 matrix of 32-bit values held as 16 rows: row `i` of the result is
+/// column `i` of `r`.
+///
+/// # Safety
+/// AVX-512F is present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    let mut u = [_mm512_setzero_si512(); 16];
+    for q in 0..4 {
+        let (a, b, c, d) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+        let (t0, t1) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let (t2, t3) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        // per 128-bit lane j: column 4j (+0, +1, +2, +3) of rows 4q..4q+4
+        u[4 * q] = _mm512_unpacklo_epi64(t0, t2);
+        u[4 * q + 1] = _mm512_unpackhi_epi64(t0, t2);
+        u[4 * q + 2] = _mm512_unpacklo_epi64(t1, t3);
+        u[4 * q + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        let (v0, v1) =
+            (_mm512_shuffle_i32x4::<0x88>(u[i], u[4 + i]), _mm512_shuffle_i32x4::<0xdd>(u[i], u[4 + i]));
+        let (w0, w1) = (
+            _mm512_shuffle_i32x4::<0x88>(u[8 + i], u[12 + i]),
+            _mm512_shuffle_i32x4::<0xdd>(u[8 + i], u[12 + i]),
+        );
+        // columns i, i + 8, i + 4, i + 12
+        out[i] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[i + 8] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
+        out[i + 4] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[i + 12] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
+    }
+    out
+}
+
+/// Rows `i0..i0 + rows.len() / kp` of an f32 view stored transposed (`v.rs == 1`), rounded to bf16
+/// (nearest even, NaN kept) into `rows` (`kp` values apart; the padding past `v.cols` is left alone).
+///
+/// # Safety
+/// AVX-512F is present; the view is inside its slice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_transposed_avx512(v: View, i0: usize, rows: &mut [bf16], kp: usize) {
+    use std::arch::x86_64::*;
+    let (m, k) = ((rows.len() / kp).min(v.rows - i0), v.cols);
+    let at = |i: usize, j: usize| v.data[v.offset + i + j * v.cs];
+    let mut j0 = 0;
+    if m == 16 {
+        while j0 + 16 <= k {
+            // 16 columns j of the view: each 16 consecutive rows i, contiguous in the slice
+            let cols: [__m512i; 16] = std::array::from_fn(|c| {
+                let start = v.offset + i0 + (j0 + c) * v.cs;
+                _mm512_loadu_si512(v.data[start..start + 16].as_ptr() as *const _)
+            });
+            for (i, x) in transpose16(cols).into_iter().enumerate() {
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+                let rounded = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(_mm512_castsi512_ps(x), _mm512_castsi512_ps(x));
+                let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
+                let bits = _mm512_srli_epi32::<16>(_mm512_mask_blend_epi32(nan, rounded, quiet));
+                let out = rows[i * kp + j0..i * kp + j0 + 16].as_mut_ptr();
+                _mm256_storeu_si256(out as *mut _, _mm512_cvtepi32_epi16(bits));
+            }
+            j0 += 16;
+        }
+    }
+    for i in 0..m {
+        for j in j0..k {
+            rows[i * kp + j] = half::bf16::from_f32(at(i0 + i, j));
         }
     }
 }
@@ -519,6 +590,33 @@ impl Amx {
     /// row stride `rs`. Panics (before touching memory) if the inner dimensions differ or a view
     /// does not fit its slice.
     pub fn product(&self, lhs: Lhs, rhs: Rhs, dst: &mut [f32], offset: usize, rs: usize, accumulate: bool) {
+        self.run(lhs, rhs, dst, offset, rs, accumulate, true)
+    }
+
+    /// [`Amx::product`] on the calling thread only (inside a parallel task).
+    pub fn product_here(
+        &self,
+        lhs: Lhs,
+        rhs: Rhs,
+        dst: &mut [f32],
+        offset: usize,
+        rs: usize,
+        accumulate: bool,
+    ) {
+        self.run(lhs, rhs, dst, offset, rs, accumulate, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        lhs: Lhs,
+        rhs: Rhs,
+        dst: &mut [f32],
+        offset: usize,
+        rs: usize,
+        accumulate: bool,
+        all: bool,
+    ) {
         let ((m, k), (k2, n)) = (lhs.dims(), rhs.dims());
         assert_eq!(k, k2, "amx: [{m}×{k}]·[{k2}×{n}]");
         if m == 0 || n == 0 {
@@ -543,10 +641,10 @@ impl Amx {
             }
             return;
         }
-        let rows = LhsRows::new(lhs, m, k);
+        let rows = LhsRows::new(lhs, m, k, all);
         let steps = k.div_ceil(KB);
         let (panels, blocks) = (n.div_ceil(NB), m.div_ceil(MB));
-        let threads = rayon::current_num_threads().max(1);
+        let threads = if all { rayon::current_num_threads().max(1) } else { 1 };
         // split the panels over the tasks (each packs only its own), or with fewer panels than
         // threads and more row blocks, the row blocks (each task packs every panel)
         let by_panels = panels >= threads || panels >= blocks;
@@ -620,13 +718,15 @@ mod tests {
         v.iter().map(|&x| bf16::from_f32(x)).collect()
     }
 
-    /// Every layout and awkward size (edges in all three dimensions, in-place and copied rows, f32 rows,
-    /// strided rows, accumulation) against a naive f64 loop over the same bf16 values; the padding
+    /// Every layout and awkward size (edges in all three dimensions, in-place and copied rows, f32 rows
+    /// as stored and transposed, strided rows, accumulation, on all threads and on this one) against a naive f64 loop over the same bf16 values; the padding
     /// around dst's block is untouched.
     #[test]
     fn products_match_a_naive_loop_on_the_bf16_values() {
         let Some(amx) = amx() else { return };
-        for (m, k, n) in [(37, 45, 70), (64, 64, 64), (50, 96, 33), (5, 32, 200), (96, 160, 17), (1, 7, 1)] {
+        for (m, k, n) in
+            [(37, 45, 70), (64, 64, 64), (50, 96, 33), (5, 32, 200), (96, 160, 17), (1, 7, 1), (48, 40, 40)]
+        {
             let rs_a = k + 3;
             let a32 = values(m * rs_a, 1);
             let a16 = round(&a32);
@@ -649,9 +749,24 @@ mod tests {
                 // the f32 rows are the bf16 values widened, so both give the same products
                 let a_wide: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
                 let lhs_f32 = Lhs::F32(View::strided(&a_wide, 0, m, k, rs_a));
-                for (lhs, accumulate) in [(lhs_bf16, false), (lhs_bf16, true), (lhs_f32, false)] {
+                // and stored transposed (column-major, 16 × 16 blocks transposed in registers)
+                let a_t: Vec<f32> =
+                    (0..k * (m + 1)).map(|e| a_wide[(e % (m + 1)).min(m - 1) * rs_a + e / (m + 1)]).collect();
+                let lhs_t = Lhs::F32(View::strided(&a_t, 0, k, m, m + 1).t());
+                for (lhs, accumulate, all) in [
+                    (lhs_bf16, false, true),
+                    (lhs_bf16, true, true),
+                    (lhs_f32, false, true),
+                    (lhs_t, true, true),
+                    (lhs_bf16, true, false),
+                    (lhs_t, false, false),
+                ] {
                     let mut dst = vec![1f32; 2 + m * ld];
-                    amx.product(lhs, rhs, &mut dst, 2, ld, accumulate);
+                    if all {
+                        amx.product(lhs, rhs, &mut dst, 2, ld, accumulate);
+                    } else {
+                        amx.product_here(lhs, rhs, &mut dst, 2, ld, accumulate);
+                    }
                     for i in 0..m {
                         for j in 0..n {
                             let expect = want[i * n + j] + if accumulate { 1.0 } else { 0.0 };

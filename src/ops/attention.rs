@@ -21,6 +21,9 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, D};
 use rayon::prelude::*;
 
+use half::bf16;
+
+use super::amx::{self, Amx, Lhs, Rhs, Rows};
 use super::cpu_gemm::{product, View};
 use super::{cpu_f32, cpu_f32_elems, cpu_storage, cpu_storage_of, cpu_tensor_of, f32_elems, simd};
 
@@ -220,8 +223,8 @@ struct Attention {
 /// A `[b, heads, len, d]` tensor's storage: head `h` of row `n` is the `len × d` matrix at
 /// `offset + n·s0 + h·s1` with row stride `s2`.
 #[derive(Clone, Copy)]
-struct Heads<'a> {
-    data: &'a [f32],
+struct Heads<'a, T> {
+    data: &'a [T],
     offset: usize,
     s0: usize,
     s1: usize,
@@ -230,9 +233,10 @@ struct Heads<'a> {
     d: usize,
 }
 
-impl<'a> Heads<'a> {
-    /// `data`: the whole storage as f32 ([`f32_elems`] without a layout), read through `l`'s strides.
-    fn new(data: &'a [f32], l: &Layout, what: &str) -> Result<Self> {
+impl<'a, T> Heads<'a, T> {
+    /// `data`: the whole storage ([`f32_elems`] without a layout, or bf16 as stored), read through `l`'s
+    /// strides.
+    fn new(data: &'a [T], l: &Layout, what: &str) -> Result<Self> {
         let (st, dims) = (l.stride(), l.dims());
         if st.len() != 4 || st[3] != 1 {
             candle_core::bail!("{OP}: {what} needs a contiguous last dimension (layout {l:?})");
@@ -248,8 +252,87 @@ impl<'a> Heads<'a> {
         })
     }
 
-    fn head(&self, n: usize, h: usize) -> View<'a> {
-        View::strided(self.data, self.offset + n * self.s0 + h * self.s1, self.len, self.d, self.s2)
+    fn at(&self, n: usize, h: usize) -> usize {
+        self.offset + n * self.s0 + h * self.s1
+    }
+}
+
+impl<'a> Heads<'a, f32> {
+    fn head(&self, n: usize, h: usize) -> Mat<'a> {
+        Mat::F32(View::strided(self.data, self.at(n, h), self.len, self.d, self.s2))
+    }
+}
+
+impl<'a> Heads<'a, bf16> {
+    fn head(&self, n: usize, h: usize) -> Mat<'a> {
+        Mat::Bf16(Rows { data: self.data, offset: self.at(n, h), rows: self.len, cols: self.d, rs: self.s2 })
+    }
+}
+
+/// A matrix operand of the products: f32 (the `cpu_gemm` path) or bf16 as stored (AMX).
+#[derive(Clone, Copy)]
+enum Mat<'a> {
+    F32(View<'a>),
+    Bf16(Rows<'a>),
+}
+
+impl<'a> Mat<'a> {
+    fn row_range(self, first: usize, count: usize) -> Self {
+        match self {
+            Mat::F32(v) => Mat::F32(v.row_range(first, count)),
+            Mat::Bf16(r) => Mat::Bf16(r.row_range(first, count)),
+        }
+    }
+}
+
+/// The heads of q, k and v: widened to f32, or bf16 as stored where AMX multiplies them.
+#[derive(Clone, Copy)]
+enum Qkv<'a> {
+    F32([Heads<'a, f32>; 3]),
+    Amx(&'static Amx, [Heads<'a, bf16>; 3]),
+}
+
+impl<'a> Qkv<'a> {
+    /// `which`: 0 q, 1 k, 2 v.
+    fn head(&self, which: usize, n: usize, h: usize) -> Mat<'a> {
+        match self {
+            Qkv::F32(x) => x[which].head(n, h),
+            Qkv::Amx(_, x) => x[which].head(n, h),
+        }
+    }
+
+    /// `dst (+)= lhs · rhs` (`rhs_t`: `lhs · rhsᵀ`) on the calling thread: on AMX, `lhs` bf16 or f32
+    /// (rounded to bf16) and `rhs` bf16; else both f32 through `cpu_gemm`.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(
+        &self,
+        lhs: Mat,
+        rhs: Mat,
+        rhs_t: bool,
+        dst: &mut [f32],
+        offset: usize,
+        rs: usize,
+        accumulate: bool,
+    ) {
+        match (self, lhs, rhs) {
+            (Qkv::Amx(amx, _), lhs, Mat::Bf16(r)) => {
+                let lhs = match lhs {
+                    Mat::F32(v) => Lhs::F32(v),
+                    Mat::Bf16(r) => Lhs::Bf16(r),
+                };
+                let rhs = if rhs_t { Rhs::Transposed(r) } else { Rhs::Plain(r) };
+                amx.product_here(lhs, rhs, dst, offset, rs, accumulate);
+            }
+            (Qkv::F32(_), Mat::F32(a), Mat::F32(b)) => {
+                let p = product(a, if rhs_t { b.t() } else { b }).one_thread();
+                if accumulate {
+                    p.add_to(dst, offset, rs)
+                } else {
+                    p.write(dst, offset, rs)
+                }
+            }
+            _ => unreachable!("attention: operands of one path"),
+        }
     }
 }
 
@@ -291,9 +374,7 @@ fn masked(bias: f32) -> bool {
 /// One call's inputs on the CPU.
 struct Ctx<'a> {
     dims: Dims,
-    q: Heads<'a>,
-    k: Heads<'a>,
-    v: Heads<'a>,
+    qkv: Qkv<'a>,
     bias: Option<&'a [f32]>,
     scale: f32,
     /// Per batch row and block of query rows: how many leading keys the block's rows can see.
@@ -301,14 +382,7 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(
-        dims: Dims,
-        q: Heads<'a>,
-        k: Heads<'a>,
-        v: Heads<'a>,
-        bias: Option<&'a [f32]>,
-        scale: f32,
-    ) -> Self {
+    fn new(dims: Dims, qkv: Qkv<'a>, bias: Option<&'a [f32]>, scale: f32) -> Self {
         let Dims { b, t, tk, .. } = dims;
         let blocks = t.div_ceil(BLOCK);
         let mut extents = vec![tk; b * blocks];
@@ -325,7 +399,7 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
-        Ctx { dims, q, k, v, bias, scale, extents }
+        Ctx { dims, qkv, bias, scale, extents }
     }
 
     /// `(first row, rows, visible keys)` for each block of query rows of batch row `n`.
@@ -339,18 +413,19 @@ impl<'a> Ctx<'a> {
     /// `0..ext` into `p`: `[rows, ext]`.
     fn probs(&self, n: usize, h: usize, (i0, rows, ext): (usize, usize, usize), p: &mut [f32]) {
         let Dims { t, tk, .. } = self.dims;
-        let (q, k) = (self.q.head(n, h), self.k.head(n, h / self.dims.rep()));
-        product(q.row_range(i0, rows), k.row_range(0, ext).t())
-            .scaled(self.scale)
-            .one_thread()
-            .write(p, 0, ext);
+        let (q, k) = (self.qkv.head(0, n, h), self.qkv.head(1, n, h / self.dims.rep()));
+        self.qkv.mm(q.row_range(i0, rows), k.row_range(0, ext), true, p, 0, ext, false);
+        let scale = self.scale;
         simd::vectorised(
             #[inline(always)]
             || {
                 for (i, row) in (i0..).zip(p[..rows * ext].chunks_exact_mut(ext)) {
-                    if let Some(bias) = self.bias {
-                        let brow = &bias[(n * t + i) * tk..][..ext];
-                        row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
+                    match self.bias {
+                        Some(bias) => {
+                            let brow = &bias[(n * t + i) * tk..][..ext];
+                            row.iter_mut().zip(brow).for_each(|(s, b)| *s = *s * scale + b);
+                        }
+                        None => row.iter_mut().for_each(|s| *s *= scale),
                     }
                     // masked scores (bias f32::MIN) come out as exactly 0
                     simd::softmax(row);
@@ -386,14 +461,14 @@ impl<'a> Ctx<'a> {
     /// The `[count, t, d]` outputs of query heads `h0..h0 + count` of row `n` (one KV head's).
     fn forward_task(&self, n: usize, h0: usize, count: usize) -> Vec<f32> {
         let Dims { t, d, .. } = self.dims;
-        let v = self.v.head(n, h0 / self.dims.rep());
+        let v = self.qkv.head(2, n, h0 / self.dims.rep());
         let mut p = self.block_scratch();
         let mut o = vec![0f32; count * t * d];
         for j in 0..count {
             for (i0, rows, ext) in self.blocks(n) {
                 self.probs(n, h0 + j, (i0, rows, ext), &mut p);
-                let p_block = View::matrix(&p[..rows * ext], rows, ext);
-                product(p_block, v.row_range(0, ext)).one_thread().write(&mut o, (j * t + i0) * d, d);
+                let p_block = Mat::F32(View::matrix(&p[..rows * ext], rows, ext));
+                self.qkv.mm(p_block, v.row_range(0, ext), false, &mut o, (j * t + i0) * d, d, false);
             }
         }
         o
@@ -401,7 +476,7 @@ impl<'a> Ctx<'a> {
 
     /// `(dq [count, t, d], dk [tk, d], dv [tk, d])` of query heads `h0..h0 + count` of row `n` (dk and
     /// dv: these heads' share of their KV head's gradients), given the output `o` and its gradient `go`
-    /// (both `[b, t, heads, d]`).
+    /// (both `[b, t, heads, d]`, f32), and `go_mat`, the gradient as the products read it (f32 or bf16).
     fn backward_task(
         &self,
         n: usize,
@@ -409,27 +484,29 @@ impl<'a> Ctx<'a> {
         count: usize,
         o: &[f32],
         go: &[f32],
+        go_mat: &Heads4,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let Dims { t, tk, d, nh, .. } = self.dims;
         let row_stride = nh * d;
         let g = h0 / self.dims.rep();
-        let (k, v) = (self.k.head(n, g), self.v.head(n, g));
+        let (k, v) = (self.qkv.head(1, n, g), self.qkv.head(2, n, g));
         let (mut p, mut dp) = (self.block_scratch(), self.block_scratch());
         let mut dq = vec![0f32; count * t * d];
         let mut dk = vec![0f32; tk * d];
         let mut dv = vec![0f32; tk * d];
+        let scale = self.scale;
         for j in 0..count {
             let h = h0 + j;
             let head = n * t * row_stride + h * d;
-            let (q, go_h) = (self.q.head(n, h), View::strided(go, head, t, d, row_stride));
+            let (q, go_h) = (self.qkv.head(0, n, h), go_mat.head(n, h));
             for (i0, rows, ext) in self.blocks(n) {
                 self.probs(n, h, (i0, rows, ext), &mut p);
                 let go_b = go_h.row_range(i0, rows);
                 let p_b = View::matrix(&p[..rows * ext], rows, ext);
                 // dV += Pᵀ·dO ; dP = dO·Vᵀ
-                product(p_b.t(), go_b).one_thread().add_to(&mut dv, 0, d);
-                product(go_b, v.row_range(0, ext).t()).one_thread().write(&mut dp, 0, ext);
-                // dS = P ⊙ (dP − rowsum(dO ⊙ O))
+                self.qkv.mm(Mat::F32(p_b.t()), go_b, false, &mut dv, 0, d, true);
+                self.qkv.mm(go_b, v.row_range(0, ext), true, &mut dp, 0, ext, false);
+                // dS = scale · P ⊙ (dP − rowsum(dO ⊙ O)), the scale of both products below
                 simd::vectorised(
                     #[inline(always)]
                     || {
@@ -438,18 +515,33 @@ impl<'a> Ctx<'a> {
                         for (i, (pr, dr)) in (i0..).zip(rows) {
                             let at = head + i * row_stride;
                             let delta = simd::dot(&go[at..at + d], &o[at..at + d]);
-                            dr.iter_mut().zip(pr).for_each(|(ds, &pv)| *ds = pv * (*ds - delta));
+                            dr.iter_mut().zip(pr).for_each(|(ds, &pv)| *ds = scale * (pv * (*ds - delta)));
                         }
                     },
                 );
-                // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
+                // dQ = dS·K ; dK += dSᵀ·Q
                 let ds = View::matrix(&dp[..rows * ext], rows, ext);
                 let dq_at = (j * t + i0) * d;
-                product(ds, k.row_range(0, ext)).scaled(self.scale).one_thread().write(&mut dq, dq_at, d);
-                product(ds.t(), q.row_range(i0, rows)).scaled(self.scale).one_thread().add_to(&mut dk, 0, d);
+                self.qkv.mm(Mat::F32(ds), k.row_range(0, ext), false, &mut dq, dq_at, d, false);
+                self.qkv.mm(Mat::F32(ds.t()), q.row_range(i0, rows), false, &mut dk, 0, d, true);
             }
         }
         (dq, dk, dv)
+    }
+}
+
+/// The output's gradient `[b, t, heads, d]` as the backward's products read it.
+enum Heads4<'a> {
+    F32(Heads<'a, f32>),
+    Bf16(Heads<'a, bf16>),
+}
+
+impl<'a> Heads4<'a> {
+    fn head(&self, n: usize, h: usize) -> Mat<'a> {
+        match self {
+            Heads4::F32(x) => x.head(n, h),
+            Heads4::Bf16(x) => x.head(n, h),
+        }
     }
 }
 
@@ -483,6 +575,16 @@ fn scatter(blocks: Vec<Vec<f32>>, dims: Dims, len: usize, heads_per_task: usize,
     out
 }
 
+/// q, k and v as AMX reads them (bf16, as stored), where the CPU has AMX and all three are bf16.
+fn qkv_on_amx<'a>(x: [(&'a CpuStorage, &Layout); 3]) -> Result<Option<Qkv<'a>>> {
+    let (Some(amx), [(CpuStorage::BF16(q), ql), (CpuStorage::BF16(k), kl), (CpuStorage::BF16(v), vl)]) =
+        (amx::get(), x)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Qkv::Amx(amx, [Heads::new(q, ql, "q")?, Heads::new(k, kl, "k")?, Heads::new(v, vl, "v")?])))
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "candor-attention"
@@ -499,13 +601,24 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, t, d, .. } = dims;
-        let (q32, k32, v32) =
-            (f32_elems(qs, None, OP, "q")?, f32_elems(ks, None, OP, "k")?, f32_elems(vs, None, OP, "v")?);
-        let q = Heads::new(&q32, ql, "q")?;
-        let k = Heads::new(&k32, kl, "k")?;
-        let v = Heads::new(&v32, vl, "v")?;
+        let wide;
+        let qkv = match qkv_on_amx([(qs, ql), (ks, kl), (vs, vl)])? {
+            Some(qkv) => qkv,
+            None => {
+                wide = [
+                    f32_elems(qs, None, OP, "q")?,
+                    f32_elems(ks, None, OP, "k")?,
+                    f32_elems(vs, None, OP, "v")?,
+                ];
+                Qkv::F32([
+                    Heads::new(&wide[0], ql, "q")?,
+                    Heads::new(&wide[1], kl, "k")?,
+                    Heads::new(&wide[2], vl, "v")?,
+                ])
+            }
+        };
         let blocks = self.with_bias(|bias| {
-            let ctx = Ctx::new(dims, q, k, v, bias, self.scale);
+            let ctx = Ctx::new(dims, qkv, bias, self.scale);
             let per_task = ctx.heads_per_task();
             let per_row = nh / per_task;
             let blocks = (0..b * per_row)
@@ -537,25 +650,45 @@ impl CustomOp3 for Attention {
         let (gs, gl) = d_out.storage_and_layout();
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, tk, d } = dims;
-        let (q32, k32, v32) = (
-            cpu_f32_elems(&qs, None, OP, "q")?,
-            cpu_f32_elems(&ks, None, OP, "k")?,
-            cpu_f32_elems(&vs, None, OP, "v")?,
-        );
-        let qh = Heads::new(&q32, ql, "q")?;
-        let kh = Heads::new(&k32, kl, "k")?;
-        let vh = Heads::new(&v32, vl, "v")?;
-        // out and d_out are [b, t, heads, d], contiguous
+        let (qs, ks, vs) = (cpu_storage(&qs, OP)?, cpu_storage(&ks, OP)?, cpu_storage(&vs, OP)?);
+        let wide;
+        let qkv = match qkv_on_amx([(qs, ql), (ks, kl), (vs, vl)])? {
+            Some(qkv) => qkv,
+            None => {
+                wide = [
+                    f32_elems(qs, None, OP, "q")?,
+                    f32_elems(ks, None, OP, "k")?,
+                    f32_elems(vs, None, OP, "v")?,
+                ];
+                Qkv::F32([
+                    Heads::new(&wide[0], ql, "q")?,
+                    Heads::new(&wide[1], kl, "k")?,
+                    Heads::new(&wide[2], vl, "v")?,
+                ])
+            }
+        };
+        // out and d_out are [b, t, heads, d], contiguous; the products read d_out's heads through strides
         let o = cpu_f32_elems(&os, Some(ol), OP, "out")?;
         let go = cpu_f32_elems(&gs, Some(gl), OP, "grad")?;
         let (o, go) = (&o[..], &go[..]);
+        fn heads<T>(data: &[T], t: usize, nh: usize, d: usize) -> Heads<'_, T> {
+            Heads { data, offset: 0, s0: t * nh * d, s1: d, s2: nh * d, len: t, d }
+        }
+        let go_mat = match (&qkv, cpu_storage(&gs, OP)?) {
+            (Qkv::Amx(..), CpuStorage::BF16(g)) => {
+                Heads4::Bf16(heads(super::contiguous(g, gl, OP, "grad")?, t, nh, d))
+            }
+            _ => Heads4::F32(heads(go, t, nh, d)),
+        };
         let (grads, per_task) = self.with_bias(|bias| {
-            let ctx = Ctx::new(dims, qh, kh, vh, bias, self.scale);
+            let ctx = Ctx::new(dims, qkv, bias, self.scale);
             let per_task = ctx.heads_per_task();
             let per_row = nh / per_task;
             let grads: Vec<_> = (0..b * per_row)
                 .into_par_iter()
-                .map(|task| ctx.backward_task(task / per_row, (task % per_row) * per_task, per_task, o, go))
+                .map(|task| {
+                    ctx.backward_task(task / per_row, (task % per_row) * per_task, per_task, o, go, &go_mat)
+                })
                 .collect();
             Ok((grads, per_task))
         })?;
