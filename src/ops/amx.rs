@@ -788,6 +788,40 @@ mod tests {
         }
     }
 
+    /// GFLOP/s of the decoder's products (`cargo test --release amx_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn amx_speed() {
+        let Some(amx) = amx() else { return };
+        for (m, n, k) in [
+            (1024, 576, 576),
+            (1024, 192, 576),
+            (1024, 1536, 576),
+            (1024, 576, 1536),
+            (1024, 4096, 576),
+            (256, 576, 4096),
+            (1024, 8192, 2048),
+            (1024, 2048, 8192),
+        ] {
+            let a = round(&values(m * k, 1));
+            let w = round(&values(n * k, 2));
+            let mut c = vec![0f32; m * n];
+            for (name, rhs) in [
+                ("x·Wᵀ", Rhs::Transposed(Rows::matrix(&w, n, k))),
+                ("dy·W", Rhs::Plain(Rows::matrix(&w, k, n))),
+            ] {
+                let mut times = Vec::new();
+                for _ in 0..9 {
+                    let t = std::time::Instant::now();
+                    amx.product(Lhs::Bf16(Rows::matrix(&a, m, k)), rhs, &mut c, 0, n, false);
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                times.sort_by(f64::total_cmp);
+                println!("{name} {m}x{n}x{k}: {:.0} GFLOP/s", 2.0 * (m * n * k) as f64 / times[4] / 1e9);
+            }
+        }
+    }
+
     #[test]
     #[should_panic(expected = "amx: lhs reaches")]
     fn a_view_past_its_slice_panics_before_touching_memory() {
