@@ -238,6 +238,42 @@ fn bench_alternates_openblas_and_gemm_in_one_process() {
     assert!(err.contains("--alternate-blas needs OpenBLAS"), "{err}");
 }
 
+/// `bench train-step --alternate-amx`: the same alternation in bf16 with and without the AMX unit,
+/// the same losses to print precision (the products' sums are f32 either way); refused, with the
+/// reason, where the CPU or kernel has no AMX or the dtype is not bf16.
+#[test]
+fn bench_alternates_amx_in_bf16() {
+    let model = fixtures().join("tiny-llama");
+    let json = scratch("bench-amx").join("bench.json");
+    let args = ["bench", "train-step", model.to_str().unwrap(), "--batch", "1", "--seq-len", "8"];
+    let more = ["--steps", "4", "--alternate-amx", "--json", json.to_str().unwrap()];
+    let (code, _, err) = candor(&[&args[..], &more[..3]].concat(), &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--alternate-amx compares bf16 products on the CPU"), "{err}");
+    let bf16 = [&args[..], &["--dtype", "bf16"][..], &more[..]].concat();
+    let (code, out, err) = candor(&bf16, &[("CANDOR_AMX", "off")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--alternate-amx needs AMX") && err.contains("CANDOR_AMX=off"), "{err}");
+    let (code, out_info, _) = candor(&["info", model.to_str().unwrap()], &[]);
+    assert_eq!(code, 0);
+    if !out_info.contains("AMX-BF16 for bf16 products") {
+        eprintln!("no AMX on this machine: {out_info}{out}");
+        return;
+    }
+    let (code, out, err) = candor(&bf16, &[]);
+    assert_eq!(code, 0, "{err}");
+    let order: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once(" [").and_then(|(_, r)| r.split_once(']')).map(|(v, _)| v))
+        .collect();
+    assert_eq!(order, ["amx", "no amx", "no amx", "amx"], "{out}");
+    assert!(out.contains("alternated in one process: AMX median"), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let alt = &summary["alternate_amx"];
+    assert_eq!(alt["amx_step_s"].as_array().unwrap().len(), 2);
+    assert_eq!(alt["no_amx_step_s"].as_array().unwrap().len(), 2);
+}
+
 /// `bench train-step --profile`: each op's time per measured step, largest first, and what is left
 /// for candle's work between them; the same in the JSON summary.
 #[test]
@@ -280,7 +316,7 @@ fn bench_profiles_the_ops_of_a_training_step() {
     // averaged over two variants it would mean nothing
     let (code, _, err) = candor(&[&args[..], &["--profile", "--alternate-blas"][..]].concat(), &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("--profile would average over both --alternate-blas variants"), "{err}");
+    assert!(err.contains("--profile would average over both alternated variants"), "{err}");
 }
 
 /// `bench train-step --peft DIR`: candor's steps and the PEFT baseline run in turn, round by round, and

@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// both alike; prints each one's median and their ratio.
     #[arg(long)]
     pub alternate_blas: bool,
+    /// train-step on the CPU in bf16: the same alternation with the frozen weights' products, attention
+    /// and the LM head on the CPU's AMX unit and without it (operands widened to f32).
+    #[arg(long)]
+    pub alternate_amx: bool,
     /// train-step: also measure transformers + PEFT on the same work (scripts/bench_peft.py, built in;
     /// needs --optimizer adamw), with the base weights from DIR (a transformers checkpoint of the same
     /// model, e.g. an export's merged/): --rounds times candor's --steps, then PEFT's, in turn.
@@ -164,6 +168,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("{note}");
         }
     }
+    if args.alternate_amx {
+        if args.alternate_blas {
+            anyhow::bail!("bench: --alternate-amx and --alternate-blas are separate comparisons; pick one");
+        }
+        if !model.device().is_cpu() || model.dtype() != candle_core::DType::BF16 {
+            anyhow::bail!("bench: --alternate-amx compares bf16 products on the CPU; it needs --device cpu --dtype bf16");
+        }
+        if crate::ops::amx::get().is_none() {
+            anyhow::bail!(
+                "bench: --alternate-amx needs AMX, and this run has none ({})",
+                crate::ops::amx::describe()
+            );
+        }
+        if args.steps < 2 {
+            anyhow::bail!("bench: --alternate-amx needs --steps 2 or more (one step per variant at least)");
+        }
+    }
+    let alternating = args.alternate_blas || args.alternate_amx;
+    let (on, off) = if args.alternate_amx { ("AMX", "without AMX") } else { ("OpenBLAS", "gemm") };
+    let (tag_on, tag_off) = if args.alternate_amx { ("amx", "no amx") } else { ("openblas", "gemm") };
     if args.alternate_blas {
         if !model.device().is_cpu() {
             anyhow::bail!("bench: --alternate-blas compares CPU matrix products; it needs --device cpu");
@@ -183,13 +207,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "bench: --profile times ops on the host, and on a GPU they only queue kernels; it needs --device cpu"
         );
     }
-    if args.profile && args.alternate_blas {
-        anyhow::bail!("bench: --profile would average over both --alternate-blas variants; pick one");
+    if args.profile && alternating {
+        anyhow::bail!("bench: --profile would average over both alternated variants; pick one");
     }
     let peft = match &args.peft {
         None => None,
-        Some(_) if args.alternate_blas => {
-            anyhow::bail!("bench: --peft and --alternate-blas are separate comparisons; pick one")
+        Some(_) if alternating => {
+            anyhow::bail!(
+                "bench: --peft and --alternate-blas/--alternate-amx are separate comparisons; pick one"
+            )
         }
         Some(_) if !adamw => anyhow::bail!(
             "bench: --peft compares whole training steps, and PEFT's include AdamW: add --optimizer adamw"
@@ -208,8 +234,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let rounds = if peft.is_some() { args.rounds } else { 1 };
     let mut peft_runs = Vec::new();
-    // measured step i (from 1) on gemm when alternating: A B B A A B B A ...
-    let on_gemm = |step: usize| args.alternate_blas && step > 0 && matches!((step - 1) % 4, 1 | 2);
+    // measured step i (from 1) on the second variant (gemm, or without AMX) when alternating:
+    // A B B A A B B A ...
+    let on_gemm = |step: usize| alternating && step > 0 && matches!((step - 1) % 4, 1 | 2);
     let mut gemm_times = Vec::new();
     let device = model.device().clone();
     let mut optimizer =
@@ -217,7 +244,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut peak_device_bytes = 0u64;
     let mut times = Vec::new();
     for step in 0..=args.steps * rounds {
-        crate::ops::openblas::set_suspended(on_gemm(step));
+        if args.alternate_amx {
+            crate::ops::amx::set_suspended(on_gemm(step));
+        } else {
+            crate::ops::openblas::set_suspended(on_gemm(step));
+        }
         if args.profile && step == 1 {
             // the measured steps only, not the warm-up
             crate::ops::profile::take();
@@ -244,10 +275,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "  step {step}{}: {:.3} s (forward {:.3} s, backward{} {:.3} s), {:.1} tokens/s, loss {:.4}",
             match step {
-                0 => " (warm-up)",
-                _ if !args.alternate_blas => "",
-                _ if on_gemm(step) => " [gemm]",
-                _ => " [openblas]",
+                0 => " (warm-up)".to_string(),
+                _ if !alternating => String::new(),
+                _ if on_gemm(step) => format!(" [{tag_off}]"),
+                _ => format!(" [{tag_on}]"),
             },
             s,
             forward_s,
@@ -273,6 +304,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     crate::ops::openblas::set_suspended(false);
+    crate::ops::amx::set_suspended(false);
     crate::ops::profile::set_enabled(false);
     let profile = args.profile.then(|| print_profile(crate::ops::profile::take(), &times));
     let median_of = |t: &mut Vec<f64>| {
@@ -285,13 +317,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let alternation = (!gemm_times.is_empty()).then(|| {
         let gemm = median_of(&mut gemm_times);
         println!(
-            "alternated in one process: OpenBLAS median {median:.3} s over {} steps, gemm {gemm:.3} s over {}; \
-             OpenBLAS runs at {:.3}x gemm's speed",
+            "alternated in one process: {on} median {median:.3} s over {} steps, {off} {gemm:.3} s over {}; \
+             {on} runs at {:.3}x the speed {versus}",
             times.len(),
             gemm_times.len(),
-            gemm / median
+            gemm / median,
+            versus = if args.alternate_amx { off } else { "of gemm" },
         );
-        serde_json::json!({ "openblas_step_s": times, "gemm_step_s": gemm_times, "gemm_median_s": gemm })
+        if args.alternate_amx {
+            serde_json::json!({ "amx_step_s": times, "no_amx_step_s": gemm_times, "no_amx_median_s": gemm })
+        } else {
+            serde_json::json!({ "openblas_step_s": times, "gemm_step_s": gemm_times, "gemm_median_s": gemm })
+        }
     });
     let tokens_per_s = tokens as f64 / median;
     let peft_summary =
@@ -327,7 +364,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_device_memory_used_bytes": peak_device_bytes,
             "cpu_matrix_products": blas,
-            "alternate_blas": alternation,
+            (if args.alternate_amx { "alternate_amx" } else { "alternate_blas" }): alternation,
             "peft": peft_summary,
             "profile": profile,
         });

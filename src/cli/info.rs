@@ -41,6 +41,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     println!("parameters     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
     if loaded.model.device().is_cpu() {
         println!("cpu matmul     {}", crate::ops::openblas::describe());
+        println!("cpu bf16       {}", crate::ops::amx::describe());
     }
     println!(
         "dtype          {:?} on {:?} (saved as {})",

@@ -72,12 +72,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// fused ops widen each operand to f32 per call; candle's own ops between them run bf16/f16
 /// elementwise).
 pub(crate) fn cpu_half_note(dtype: &str) -> Option<String> {
-    matches!(dtype, "bf16" | "f16" | "BF16" | "F16").then(|| {
-        let d = dtype.to_lowercase();
-        format!(
-            "note: {d} on the CPU stores tensors in {d} but multiplies in f32 through conversions: it saves memory and runs about 1.3x (bf16) to 1.5x (f16) slower than f32, the CPU default (measured on SmolLM2's training step)"
-        )
-    })
+    half_note(dtype, crate::ops::amx::get().is_some())
+}
+
+fn half_note(dtype: &str, amx: bool) -> Option<String> {
+    let d = dtype.to_lowercase();
+    match d.as_str() {
+        "bf16" if amx => Some(
+            "note: bf16 on the CPU multiplies on this CPU's AMX unit (bf16 products, f32 sums): about 1.8x the speed of f32, the CPU default, at about 0.6x its memory (measured on SmolLM2's training step)".into(),
+        ),
+        "bf16" | "f16" => Some(format!(
+            "note: {d} on the CPU stores tensors in {d} but multiplies in f32 through conversions{}: it saves memory and runs about 1.3x (bf16) to 1.5x (f16) slower than f32, the CPU default (measured on SmolLM2's training step)",
+            if d == "bf16" { format!(" ({})", crate::ops::amx::describe()) } else { String::new() }
+        )),
+        _ => None,
+    }
 }
 
 /// Options shared by commands that load a model.
@@ -135,12 +144,19 @@ pub(crate) fn release_freed_memory() {
 mod tests {
     #[test]
     fn half_precision_on_the_cpu_gets_a_note_and_f32_none() {
-        for d in ["f32", "F32", "auto"] {
-            assert_eq!(super::cpu_half_note(d), None, "{d}");
-        }
-        for (d, name) in [("bf16", "bf16"), ("BF16", "bf16"), ("F16", "f16")] {
-            let note = super::cpu_half_note(d).unwrap();
-            assert!(note.starts_with(&format!("note: {name} on the CPU")) && note.contains("f32"), "{note}");
+        for amx in [false, true] {
+            for d in ["f32", "F32", "auto"] {
+                assert_eq!(super::half_note(d, amx), None, "{d}");
+            }
+            for (d, name) in [("bf16", "bf16"), ("BF16", "bf16"), ("F16", "f16")] {
+                let note = super::half_note(d, amx).unwrap();
+                assert!(
+                    note.starts_with(&format!("note: {name} on the CPU")) && note.contains("f32"),
+                    "{note}"
+                );
+                let faster = name == "bf16" && amx;
+                assert_eq!(note.contains("slower"), !faster, "{note}");
+            }
         }
     }
 }
