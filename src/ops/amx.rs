@@ -420,7 +420,7 @@ unsafe fn pack_transposed_avx512(w: Rows, n0: usize, steps: usize, out: &mut [bf
 /// AVX-512F is present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+pub(crate) unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     let mut u = [_mm512_setzero_si512(); 16];
     for q in 0..4 {

@@ -18,7 +18,10 @@
 //! Three paths, one graph footprint (x, A, B, and the residual where there is one):
 //! - CPU: both directions are our own f32 loops over `gemm`/OpenBLAS; bf16 and f16 operands (the
 //!   input, the frozen weight, the upstream gradient) are widened to f32 per call and the results
-//!   rounded once, 3× faster than the generic path's bf16 products on a SmolLM2 step.
+//!   rounded once, 3× faster than the generic path's bf16 products on a SmolLM2 step. In bf16 the
+//!   frozen weight's products run on AMX where the CPU has it ([`super::amx`], through
+//!   [`cpu_frozen_product`]), and without dropout the rank-r products read `x` and `dy` as stored
+//!   ([`super::thin`], AVX-512), so nothing is widened but the f32 outputs rounded once.
 //! - CUDA in bf16/f16: the half-precision path ([`Half`]): the LoRA branch's products take bf16/f16
 //!   operands with f32 accumulation (cuBLAS `GemmEx`, [`super::gemm_ex`]), write f32 gradients, and
 //!   accumulate the update straight into the frozen product's buffer, so no full-width f32 temporary
@@ -34,11 +37,14 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
+use half::bf16;
+
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
 use super::frozen_linear::{cpu_bias_rows, cpu_frozen_product, Side};
 use super::gemm_ex::{row_major, GemmEx};
 use super::rotary::{Rotary, RotaryTable};
+use super::thin;
 use super::{cpu_f32, cpu_f32_elems, cpu_storage, cpu_storage_of, f32_elems, f32_slice};
 
 /// Whether [`LoraWeights::forward`] runs the CPU path for these operands: on the CPU, the input, the
@@ -358,6 +364,18 @@ impl LoraLinear {
     }
 
     /// `dropout(x)`, borrowed when there is no mask.
+    /// `x`'s bf16 elements (contiguous) when the rank-r products read it as stored ([`thin`]): `x`
+    /// bf16, no dropout (a dropped-out `x` is scaled, no longer the stored values), a rank and CPU
+    /// the kernels take.
+    fn thin<'a>(&self, xs: &'a CpuStorage, xl: &Layout) -> Result<Option<&'a [bf16]>> {
+        match (xs, &self.mask) {
+            (CpuStorage::BF16(x), None) if thin::applies(self.dims.0) => {
+                Ok(Some(super::contiguous(x, xl, OP, "x")?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match &self.mask {
             Some(m) => std::borrow::Cow::Owned(m.apply(x)),
@@ -462,10 +480,14 @@ impl LoraLinear {
         res: Option<(&CpuStorage, Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (r, in_f, out_f) = self.dims;
-        let x = f32_elems(xs, Some(xl), OP, "x")?;
-        let rows = x.len() / in_f;
-        let (x, a, b) =
-            (View::matrix(&x, rows, in_f), f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
+        let rows = xl.shape().elem_count() / in_f;
+        let (a, b) = (f32_slice(a_s, al, OP, "A")?, f32_slice(b_s, bl, OP, "B")?);
+        // x widened to f32 for the rank-r product, unless that reads it as stored
+        let thin = self.thin(xs, xl)?;
+        let x = match thin {
+            Some(_) => std::borrow::Cow::Borrowed(&[][..]),
+            None => f32_elems(xs, Some(xl), OP, "x")?,
+        };
         // y = (residual +) x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
         let accumulate = res.is_some() || self.bias.is_some();
         let mut y = match res {
@@ -481,9 +503,12 @@ impl LoraLinear {
                 y
             }
         };
-        cpu_frozen_product(xs, xl, Some(x.data), &self.weight, Side::Forward, &mut y, accumulate)?;
-        let xd = self.dropped(x.data);
-        let t = rank_product(View::matrix(&xd, rows, in_f), View::matrix(a, r, in_f));
+        let x32 = thin.is_none().then_some(&x[..]);
+        cpu_frozen_product(xs, xl, x32, &self.weight, Side::Forward, &mut y, accumulate)?;
+        let t = match thin {
+            Some(x) => thin::rows_times(x, &transposed(a, r, in_f), rows, in_f, r),
+            None => rank_product(View::matrix(&self.dropped(&x), rows, in_f), View::matrix(a, r, in_f)),
+        };
         product(View::matrix(&t, rows, r), View::matrix(b, out_f, r).t())
             .scaled(self.scale)
             .add_to(&mut y, 0, out_f);
@@ -512,21 +537,32 @@ impl LoraLinear {
         let (a_s, al) = a_t.storage_and_layout();
         let (b_s, bl) = b_t.storage_and_layout();
         let (dys, dyl) = dy_t.storage_and_layout();
-        let x = cpu_f32_elems(&xs, Some(xl), OP, "x")?;
+        let (xs, dys) = (cpu_storage(&xs, OP)?, cpu_storage(&dys, OP)?);
         let a = View::matrix(cpu_f32(&a_s, al, OP, "A")?, r, in_f);
         let b = View::matrix(cpu_f32(&b_s, bl, OP, "B")?, out_f, r);
-        let dy = cpu_f32_elems(&dys, Some(dyl), OP, "dy")?;
+        // x and dy as stored where the rank-r products read them so ([`thin`]), else widened
+        let thin = match (self.thin(xs, xl)?, dys) {
+            (Some(x), CpuStorage::BF16(dy)) => Some((x, super::contiguous(dy, dyl, OP, "dy")?)),
+            _ => None,
+        };
+        let (x, dy) = match thin {
+            Some(_) => (std::borrow::Cow::Borrowed(&[][..]), std::borrow::Cow::Borrowed(&[][..])),
+            None => (f32_elems(xs, Some(xl), OP, "x")?, f32_elems(dys, Some(dyl), OP, "dy")?),
+        };
         let dy = View::matrix(&dy, rows, out_f);
 
         // u = dy·B: [rows, r]
-        let u = product(dy, b).to_vec();
+        let u = match thin {
+            Some((_, dy16)) => thin::rows_times(dy16, b.data, rows, out_f, r),
+            None => product(dy, b).to_vec(),
+        };
         let u = View::matrix(&u, rows, r);
         // dx = dy·W + s · mask ⊙ (u·A); layer 0's q, k and v read the frozen embeddings, and nothing
         // upstream wants their dx
-        let dys = cpu_storage(&dys, OP)?;
         let dx = x_t.track_op().then(|| -> Result<Vec<f32>> {
             let mut dx = super::cpu_output::<f32>(rows * in_f);
-            cpu_frozen_product(dys, dyl, Some(dy.data), &self.weight, Side::InputGrad, &mut dx, false)?;
+            let dy32 = thin.is_none().then_some(dy.data);
+            cpu_frozen_product(dys, dyl, dy32, &self.weight, Side::InputGrad, &mut dx, false)?;
             match &self.mask {
                 None => product(u, a).scaled(s).add_to(&mut dx, 0, in_f),
                 Some(m) => {
@@ -538,15 +574,28 @@ impl LoraLinear {
             }
             Ok(dx)
         });
-        let xd = self.dropped(&x);
-        let xd = View::matrix(&xd, rows, in_f);
-        // dA = s·uᵀ·xd: [r, in]
-        let da = product(u.t(), xd).scaled(s).to_vec();
-        // dB = s·dyᵀ·(xd·Aᵀ): [out, r], with xd·Aᵀ from the forward (recomputed if a second backward
-        // through the same graph finds it taken)
+        // dA = s·uᵀ·xd: [r, in]; dB = s·dyᵀ·(xd·Aᵀ): [out, r], with xd·Aᵀ from the forward
+        // (recomputed if a second backward through the same graph finds it taken)
         let kept = self.rank_out.as_ref().and_then(|k| k.lock().unwrap().take());
-        let t = kept.unwrap_or_else(|| rank_product(xd, a));
-        let db = product(dy.t(), View::matrix(&t, rows, r)).scaled(s).to_vec();
+        let (da, db) = match thin {
+            Some((x16, dy16)) => {
+                let mut da = thin::rows_transposed_times(x16, u.data, rows, in_f, r);
+                da.iter_mut().for_each(|v| *v *= s);
+                let t = kept
+                    .unwrap_or_else(|| thin::rows_times(x16, &transposed(a.data, r, in_f), rows, in_f, r));
+                let dbt = thin::rows_transposed_times(dy16, &t, rows, out_f, r);
+                let db = transposed(&dbt, r, out_f).into_iter().map(|v| s * v).collect();
+                (da, db)
+            }
+            None => {
+                let xd = self.dropped(&x);
+                let xd = View::matrix(&xd, rows, in_f);
+                let da = product(u.t(), xd).scaled(s).to_vec();
+                let t = kept.unwrap_or_else(|| rank_product(xd, a));
+                let db = product(dy.t(), View::matrix(&t, rows, r)).scaled(s).to_vec();
+                (da, db)
+            }
+        };
 
         let device = x_t.device();
         let dx = dx.transpose()?.map(|dx| super::cpu_tensor_of(dx, x_t.shape(), x_t.dtype())).transpose()?;
@@ -964,6 +1013,11 @@ impl candle_core::CustomOp2 for HalfGrads<'_> {
 }
 
 /// `xd·Aᵀ`: `[rows, r]`, the rank-r intermediate.
+/// The transpose of a row-major `rows × cols` matrix, as a new row-major `cols × rows` one.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|e| m[(e % rows) * cols + e / rows]).collect()
+}
+
 fn rank_product(xd: View, a: View) -> Vec<f32> {
     product(xd, a.t()).to_vec()
 }

@@ -57,6 +57,7 @@ pub mod rms_norm;
 pub mod rotary;
 mod simd;
 pub mod swiglu;
+mod thin;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
