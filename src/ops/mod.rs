@@ -11,6 +11,9 @@
 //! cross-entropy rows, SwiGLU) run in an AVX-512 or AVX2 copy picked at run time (`simd`), since the
 //! binary itself targets baseline x86-64.
 //!
+//! In bf16 on a CPU with AMX (`amx`), the large products take the bf16 operands as they are (bf16
+//! products, f32 sums) and the LoRA layer's rank-r products read bf16 activations as stored (`thin`).
+//!
 //! Three ops are built around matrix products and have a fused CPU path in f32 (the CPU build's dtype):
 //! the LoRA layer (`lora_linear`), attention, and the LM head + cross-entropy. Their value there is
 //! memory: the composed versions leave five to seven full-size tensors per layer in candle's graph until
