@@ -623,6 +623,13 @@ unsafe fn kernel(_: *const bf16, _: usize, _: *const bf16, _: usize, _: *mut f32
     unreachable!("an Amx exists only on x86-64")
 }
 
+/// A destination of `len` values, initialised unless only written ([`Amx::product_new`]).
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    len: usize,
+}
+
 /// The destination, shared by the tasks (which write disjoint blocks).
 #[derive(Clone, Copy)]
 struct Dst(*mut f32);
@@ -644,7 +651,21 @@ impl Amx {
     /// row stride `rs`. Panics (before touching memory) if the inner dimensions differ or a view
     /// does not fit its slice.
     pub fn product(&self, lhs: Lhs, rhs: Rhs, dst: &mut [f32], offset: usize, rs: usize, accumulate: bool) {
-        self.run(lhs, rhs, dst, offset, rs, accumulate, true)
+        let out = Out { ptr: dst.as_mut_ptr(), len: dst.len() };
+        self.run(lhs, rhs, out, offset, rs, accumulate, true)
+    }
+
+    /// `lhs · rhs` as a new row-major buffer, on all threads: every element written once, none
+    /// filled first.
+    pub fn product_new(&self, lhs: Lhs, rhs: Rhs) -> Vec<f32> {
+        let (m, n) = (lhs.dims().0, rhs.dims().1);
+        let mut v = Vec::<f32>::with_capacity(m * n);
+        let out = Out { ptr: v.as_mut_ptr(), len: m * n };
+        self.run(lhs, rhs, out, 0, n, false, true);
+        // SAFETY: `run` without accumulation writes every element of the m × n destination (tile
+        // stores, the copies of edge blocks, or zeros when the inner dimension is empty) and reads none
+        unsafe { v.set_len(m * n) };
+        v
     }
 
     /// [`Amx::product`] on the calling thread only (inside a parallel task).
@@ -657,27 +678,18 @@ impl Amx {
         rs: usize,
         accumulate: bool,
     ) {
-        self.run(lhs, rhs, dst, offset, rs, accumulate, false)
+        self.run(lhs, rhs, Out { ptr: dst.as_mut_ptr(), len: dst.len() }, offset, rs, accumulate, false)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        lhs: Lhs,
-        rhs: Rhs,
-        dst: &mut [f32],
-        offset: usize,
-        rs: usize,
-        accumulate: bool,
-        all: bool,
-    ) {
+    fn run(&self, lhs: Lhs, rhs: Rhs, dst: Out, offset: usize, rs: usize, accumulate: bool, all: bool) {
         let ((m, k), (k2, n)) = (lhs.dims(), rhs.dims());
         assert_eq!(k, k2, "amx: [{m}×{k}]·[{k2}×{n}]");
         if m == 0 || n == 0 {
             return;
         }
         let last = offset + (m - 1) * rs + n - 1;
-        assert!(last < dst.len(), "amx: dst reaches {last}, slice has {}", dst.len());
+        assert!(last < dst.len, "amx: dst reaches {last}, slice has {}", dst.len);
         assert!(rs >= n || m == 1, "amx: dst rows overlap");
         match lhs {
             Lhs::Bf16(r) => r.check("lhs"),
@@ -691,7 +703,8 @@ impl Amx {
         }
         if k == 0 {
             if !accumulate {
-                (0..m).for_each(|i| dst[offset + i * rs..][..n].fill(0.0));
+                // SAFETY: rows of n values inside the destination (checked above)
+                (0..m).for_each(|i| unsafe { dst.ptr.add(offset + i * rs).write_bytes(0, n) });
             }
             return;
         }
@@ -703,7 +716,7 @@ impl Amx {
         // threads and more row blocks, the row blocks (each task packs every panel)
         let by_panels = panels >= threads || panels >= blocks;
         let parts = if by_panels { panels.min(threads) } else { blocks.min(threads) };
-        let dst = Dst(dst.as_mut_ptr());
+        let dst = Dst(dst.ptr);
         let task = |part: usize| {
             let (p_range, b_range) = if by_panels {
                 (panels * part / parts..panels * (part + 1) / parts, 0..blocks)
@@ -736,17 +749,16 @@ impl Amx {
                             kernel(a, lda, panel.as_ptr(), steps, edge.as_mut_ptr(), NB, false);
                             for i in 0..height {
                                 let (src, out) = (&edge[i * NB..][..cols], at.add(i * rs));
-                                let out = std::slice::from_raw_parts_mut(out, cols);
-                                super::simd::vectorised(
-                                    #[inline(always)]
-                                    || {
-                                        if accumulate {
-                                            out.iter_mut().zip(src).for_each(|(o, &v)| *o += v)
-                                        } else {
-                                            out.copy_from_slice(src)
-                                        }
-                                    },
-                                );
+                                if accumulate {
+                                    let out = std::slice::from_raw_parts_mut(out, cols);
+                                    super::simd::vectorised(
+                                        #[inline(always)]
+                                        || out.iter_mut().zip(src).for_each(|(o, &v)| *o += v),
+                                    );
+                                } else {
+                                    // written, never read: the destination may be uninitialised
+                                    std::ptr::copy_nonoverlapping(src.as_ptr(), out, cols);
+                                }
                             }
                         }
                     }
@@ -884,6 +896,21 @@ mod tests {
                 times.sort_by(f64::total_cmp);
                 println!("{name} {m}x{n}x{k}: {:.0} GFLOP/s", 2.0 * (m * n * k) as f64 / times[4] / 1e9);
             }
+        }
+    }
+
+    /// A new output written without a fill holds exactly what a product into a zeroed buffer does, on
+    /// edge blocks and full ones, in place and copied.
+    #[test]
+    fn new_outputs_equal_products_into_zeroed_buffers() {
+        let Some(amx) = amx() else { return };
+        for (m, k, n) in [(70, 64, 45), (64, 40, 64), (3, 0, 5)] {
+            let a = round(&values(m * k, 8));
+            let w = round(&values(n * k, 9));
+            let (lhs, rhs) = (Lhs::Bf16(Rows::matrix(&a, m, k)), Rhs::Transposed(Rows::matrix(&w, n, k)));
+            let mut want = vec![0f32; m * n];
+            amx.product(lhs, rhs, &mut want, 0, n, false);
+            assert_eq!(amx.product_new(lhs, rhs), want, "{m}x{k}x{n}");
         }
     }
 

@@ -98,6 +98,36 @@ pub(crate) fn cpu_frozen_product(
     Ok(())
 }
 
+/// [`cpu_frozen_product`] into a new `[rows, n]` buffer: on AMX written without being filled first
+/// (a fill was one more pass over every projection's output), otherwise a zeroed buffer written.
+pub(crate) fn cpu_frozen_output(
+    x: &CpuStorage,
+    xl: &Layout,
+    x32: Option<&[f32]>,
+    weight: &Tensor,
+    side: Side,
+) -> Result<Vec<f32>> {
+    let (ws, wl) = weight.storage_and_layout();
+    let (out_f, in_f) = wl.shape().dims2()?;
+    let (k, n) = match side {
+        Side::Forward => (in_f, out_f),
+        Side::InputGrad => (out_f, in_f),
+    };
+    let rows = xl.shape().elem_count() / k.max(1);
+    if let (Some(amx), CpuStorage::BF16(xd), CpuStorage::BF16(wd)) =
+        (super::amx::get(), x, cpu_storage(&ws, OP)?)
+    {
+        let lhs = Lhs::Bf16(Rows::matrix(contiguous(xd, xl, OP, "x")?, rows, k));
+        let w = Rows::matrix(contiguous(wd, wl, OP, "weight")?, out_f, in_f);
+        let rhs = if side == Side::Forward { Rhs::Transposed(w) } else { Rhs::Plain(w) };
+        return Ok(amx.product_new(lhs, rhs));
+    }
+    drop(ws);
+    let mut y = super::cpu_output::<f32>(rows * n);
+    cpu_frozen_product(x, xl, x32, weight, side, &mut y, false)?;
+    Ok(y)
+}
+
 /// A new `[rows, out]` f32 buffer holding the bias in every row (zeros without one).
 pub(crate) fn cpu_bias_rows(bias: Option<&Tensor>, rows: usize, out_f: usize) -> Result<Vec<f32>> {
     let mut y = super::cpu_output::<f32>(rows * out_f);
@@ -144,8 +174,14 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (out_f, in_f) = self.weight.dims2()?;
         let rows = x_layout.shape().elem_count() / in_f;
-        let mut y = cpu_bias_rows(self.bias.as_ref(), rows, out_f)?;
-        cpu_frozen_product(x, x_layout, None, &self.weight, Side::Forward, &mut y, self.bias.is_some())?;
+        let y = match &self.bias {
+            None => cpu_frozen_output(x, x_layout, None, &self.weight, Side::Forward)?,
+            Some(b) => {
+                let mut y = cpu_bias_rows(Some(b), rows, out_f)?;
+                cpu_frozen_product(x, x_layout, None, &self.weight, Side::Forward, &mut y, true)?;
+                y
+            }
+        };
         Ok((
             super::cpu_storage_of(y, candle_core::backend::BackendStorage::dtype(x))?,
             out_shape(x_layout, out_f),
@@ -185,9 +221,7 @@ impl CustomOp1 for FrozenLinear {
         let dx = if dy.device().is_cpu() {
             let dy = dy.contiguous()?;
             let (dys, dyl) = dy.storage_and_layout();
-            let mut dx = super::cpu_output::<f32>(rows * in_features);
-            let dys = cpu_storage(&dys, OP)?;
-            cpu_frozen_product(dys, dyl, None, &self.weight, Side::InputGrad, &mut dx, false)?;
+            let dx = cpu_frozen_output(cpu_storage(&dys, OP)?, dyl, None, &self.weight, Side::InputGrad)?;
             super::cpu_tensor_of(dx, (rows, in_features), grad_y.dtype())?
         } else {
             dy.matmul(&self.weight)?

@@ -41,7 +41,7 @@ use half::bf16;
 
 use super::cpu_gemm::{product, View};
 pub use super::dropout::DropoutMask;
-use super::frozen_linear::{cpu_bias_rows, cpu_frozen_product, Side};
+use super::frozen_linear::{cpu_bias_rows, cpu_frozen_output, cpu_frozen_product, Side};
 use super::gemm_ex::{row_major, GemmEx};
 use super::rotary::{Rotary, RotaryTable};
 use super::thin;
@@ -491,6 +491,10 @@ impl LoraLinear {
         // y = (residual +) x·Wᵀ (+ bias) + s·(xd·Aᵀ)·Bᵀ
         let accumulate = res.is_some() || self.bias.is_some();
         let mut y = match res {
+            None if self.bias.is_none() => {
+                let x32 = thin.is_none().then_some(&x[..]);
+                cpu_frozen_output(xs, xl, x32, &self.weight, Side::Forward)?
+            }
             None => cpu_bias_rows(self.bias.as_ref(), rows, out_f)?,
             Some((rs, rl)) => {
                 let mut y = f32_elems(rs, Some(&rl), OP, "residual")?.into_owned();
@@ -503,8 +507,10 @@ impl LoraLinear {
                 y
             }
         };
-        let x32 = thin.is_none().then_some(&x[..]);
-        cpu_frozen_product(xs, xl, x32, &self.weight, Side::Forward, &mut y, accumulate)?;
+        if accumulate {
+            let x32 = thin.is_none().then_some(&x[..]);
+            cpu_frozen_product(xs, xl, x32, &self.weight, Side::Forward, &mut y, true)?;
+        }
         let t = match thin {
             Some(x) => thin::rows_times(x, &transposed(a, r, in_f), rows, in_f, r),
             None => rank_product(View::matrix(&self.dropped(&x), rows, in_f), View::matrix(a, r, in_f)),
@@ -560,9 +566,8 @@ impl LoraLinear {
         // dx = dy·W + s · mask ⊙ (u·A); layer 0's q, k and v read the frozen embeddings, and nothing
         // upstream wants their dx
         let dx = x_t.track_op().then(|| -> Result<Vec<f32>> {
-            let mut dx = super::cpu_output::<f32>(rows * in_f);
             let dy32 = thin.is_none().then_some(dy.data);
-            cpu_frozen_product(dys, dyl, dy32, &self.weight, Side::InputGrad, &mut dx, false)?;
+            let mut dx = cpu_frozen_output(dys, dyl, dy32, &self.weight, Side::InputGrad)?;
             match &self.mask {
                 None => product(u, a).scaled(s).add_to(&mut dx, 0, in_f),
                 Some(m) => {
