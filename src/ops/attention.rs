@@ -575,14 +575,27 @@ fn scatter(blocks: Vec<Vec<f32>>, dims: Dims, len: usize, heads_per_task: usize,
     out
 }
 
-/// q, k and v as AMX reads them (bf16, as stored), where the CPU has AMX and all three are bf16.
-fn qkv_on_amx<'a>(x: [(&'a CpuStorage, &Layout); 3]) -> Result<Option<Qkv<'a>>> {
-    let (Some(amx), [(CpuStorage::BF16(q), ql), (CpuStorage::BF16(k), kl), (CpuStorage::BF16(v), vl)]) =
+/// q, k and v as the products read them: bf16 as stored where the CPU has AMX and all three are bf16,
+/// otherwise widened to f32 into `wide` (which the caller keeps while the heads are used).
+fn qkv_heads<'a>(
+    x: [(&'a CpuStorage, &Layout); 3],
+    wide: &'a mut Vec<std::borrow::Cow<'a, [f32]>>,
+) -> Result<Qkv<'a>> {
+    const WHAT: [&str; 3] = ["q", "k", "v"];
+    if let (Some(amx), [(CpuStorage::BF16(q), ql), (CpuStorage::BF16(k), kl), (CpuStorage::BF16(v), vl)]) =
         (amx::get(), x)
-    else {
-        return Ok(None);
-    };
-    Ok(Some(Qkv::Amx(amx, [Heads::new(q, ql, "q")?, Heads::new(k, kl, "k")?, Heads::new(v, vl, "v")?])))
+    {
+        return Ok(Qkv::Amx(
+            amx,
+            [Heads::new(q, ql, "q")?, Heads::new(k, kl, "k")?, Heads::new(v, vl, "v")?],
+        ));
+    }
+    for ((s, _), what) in x.iter().zip(WHAT) {
+        wide.push(f32_elems(s, None, OP, what)?);
+    }
+    let wide: &'a [std::borrow::Cow<'a, [f32]>] = wide;
+    let heads = |i: usize| Heads::new(&wide[i][..], x[i].1, WHAT[i]);
+    Ok(Qkv::F32([heads(0)?, heads(1)?, heads(2)?]))
 }
 
 impl CustomOp3 for Attention {
@@ -601,22 +614,8 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, t, d, .. } = dims;
-        let wide;
-        let qkv = match qkv_on_amx([(qs, ql), (ks, kl), (vs, vl)])? {
-            Some(qkv) => qkv,
-            None => {
-                wide = [
-                    f32_elems(qs, None, OP, "q")?,
-                    f32_elems(ks, None, OP, "k")?,
-                    f32_elems(vs, None, OP, "v")?,
-                ];
-                Qkv::F32([
-                    Heads::new(&wide[0], ql, "q")?,
-                    Heads::new(&wide[1], kl, "k")?,
-                    Heads::new(&wide[2], vl, "v")?,
-                ])
-            }
-        };
+        let mut wide = Vec::new();
+        let qkv = qkv_heads([(qs, ql), (ks, kl), (vs, vl)], &mut wide)?;
         let blocks = self.with_bias(|bias| {
             let ctx = Ctx::new(dims, qkv, bias, self.scale);
             let per_task = ctx.heads_per_task();
@@ -651,22 +650,8 @@ impl CustomOp3 for Attention {
         let dims = Dims::of(ql, kl)?;
         let Dims { b, nh, nkv, t, tk, d } = dims;
         let (qs, ks, vs) = (cpu_storage(&qs, OP)?, cpu_storage(&ks, OP)?, cpu_storage(&vs, OP)?);
-        let wide;
-        let qkv = match qkv_on_amx([(qs, ql), (ks, kl), (vs, vl)])? {
-            Some(qkv) => qkv,
-            None => {
-                wide = [
-                    f32_elems(qs, None, OP, "q")?,
-                    f32_elems(ks, None, OP, "k")?,
-                    f32_elems(vs, None, OP, "v")?,
-                ];
-                Qkv::F32([
-                    Heads::new(&wide[0], ql, "q")?,
-                    Heads::new(&wide[1], kl, "k")?,
-                    Heads::new(&wide[2], vl, "v")?,
-                ])
-            }
-        };
+        let mut wide = Vec::new();
+        let qkv = qkv_heads([(qs, ql), (ks, kl), (vs, vl)], &mut wide)?;
         // out and d_out are [b, t, heads, d], contiguous; the products read d_out's heads through strides
         let o = cpu_f32_elems(&os, Some(ol), OP, "out")?;
         let go = cpu_f32_elems(&gs, Some(gl), OP, "grad")?;
