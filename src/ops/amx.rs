@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
-use super::cpu_gemm::View;
+use super::cpu_gemm::{DstPtr, View};
 
 /// Rows of `lhs` (and of `dst`) per kernel call: two tiles of 16.
 const MB: usize = 32;
@@ -630,22 +630,6 @@ struct Out {
     len: usize,
 }
 
-/// The destination, shared by the tasks (which write disjoint blocks).
-#[derive(Clone, Copy)]
-struct Dst(*mut f32);
-
-// SAFETY: each task writes only its own blocks.
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
-
-impl Dst {
-    /// # Safety
-    /// `offset` is inside the destination slice.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
-}
-
 impl Amx {
     /// `dst = lhs · rhs` (`accumulate`: `dst += …`) on all threads, `dst` row-major from `offset` with
     /// row stride `rs`. Panics (before touching memory) if the inner dimensions differ or a view
@@ -716,7 +700,7 @@ impl Amx {
         // threads and more row blocks, the row blocks (each task packs every panel)
         let by_panels = panels >= threads || panels >= blocks;
         let parts = if by_panels { panels.min(threads) } else { blocks.min(threads) };
-        let dst = Dst(dst.ptr);
+        let dst = DstPtr(dst.ptr);
         let task = |part: usize| {
             let (p_range, b_range) = if by_panels {
                 (panels * part / parts..panels * (part + 1) / parts, 0..blocks)

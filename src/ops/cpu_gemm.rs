@@ -212,18 +212,19 @@ impl Product<'_> {
     }
 }
 
-/// The destination of [`Product::on_blas`]'s blocks, shared by its tasks (which write disjoint parts).
+/// A destination shared by parallel tasks that write disjoint parts of it ([`Product::on_blas`]'s
+/// blocks, the AMX products' blocks).
 #[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
+pub(crate) struct DstPtr(pub *mut f32);
 
-// SAFETY: each task writes only its own block (see `on_blas`).
+// SAFETY: each task writes only its own part (see `on_blas` and `amx::Amx::run`).
 unsafe impl Send for DstPtr {}
 unsafe impl Sync for DstPtr {}
 
 impl DstPtr {
     /// # Safety
     /// `offset` is inside the destination slice.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub unsafe fn at(self, offset: usize) -> *mut f32 {
         self.0.add(offset)
     }
 }
