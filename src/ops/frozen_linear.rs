@@ -52,6 +52,37 @@ pub(crate) enum Side {
     InputGrad,
 }
 
+/// `(rows, k, n)` of the product `side` names: `x [rows, k]` times the weight as used, `[k, n]`.
+fn product_dims(xl: &Layout, weight: &Tensor, side: Side) -> Result<(usize, usize, usize)> {
+    let (out_f, in_f) = weight.dims2()?;
+    let (k, n) = match side {
+        Side::Forward => (in_f, out_f),
+        Side::InputGrad => (out_f, in_f),
+    };
+    Ok((xl.shape().elem_count() / k.max(1), k, n))
+}
+
+/// `f(amx, x, W or Wᵀ)` where `x` and the weight are both bf16 and the CPU has AMX; `None` otherwise.
+fn on_amx<R>(
+    x: &CpuStorage,
+    xl: &Layout,
+    weight: &Tensor,
+    side: Side,
+    f: impl FnOnce(&super::amx::Amx, Lhs, Rhs) -> R,
+) -> Result<Option<R>> {
+    let (ws, wl) = weight.storage_and_layout();
+    let (Some(amx), CpuStorage::BF16(xd), CpuStorage::BF16(wd)) =
+        (super::amx::get(), x, cpu_storage(&ws, OP)?)
+    else {
+        return Ok(None);
+    };
+    let (rows, k, _) = product_dims(xl, weight, side)?;
+    let (out_f, in_f) = wl.shape().dims2()?;
+    let lhs = Lhs::Bf16(Rows::matrix(contiguous(xd, xl, OP, "x")?, rows, k));
+    let w = Rows::matrix(contiguous(wd, wl, OP, "weight")?, out_f, in_f);
+    Ok(Some(f(amx, lhs, if side == Side::Forward { Rhs::Transposed(w) } else { Rhs::Plain(w) })))
+}
+
 /// `dst (+)= x·Wᵀ` or `x·W` (by `side`) on the CPU, `x` contiguous, `dst` a row-major `[rows, n]`
 /// buffer: on AMX where `x` and `W` are both bf16 and the CPU has it ([`super::amx`]: bf16 products,
 /// f32 sums); otherwise in f32 through [`cpu_gemm`](super::cpu_gemm), from `x32` (`x` already widened,
@@ -65,29 +96,21 @@ pub(crate) fn cpu_frozen_product(
     dst: &mut [f32],
     accumulate: bool,
 ) -> Result<()> {
-    let (ws, wl) = weight.storage_and_layout();
-    let ws = cpu_storage(&ws, OP)?;
-    let (out_f, in_f) = wl.shape().dims2()?;
-    let (k, n) = match side {
-        Side::Forward => (in_f, out_f),
-        Side::InputGrad => (out_f, in_f),
-    };
-    let rows = xl.shape().elem_count() / k.max(1);
+    let (rows, k, n) = product_dims(xl, weight, side)?;
     if dst.len() != rows * n {
         candle_core::bail!("{OP}: output of {} values for [{rows}, {n}]", dst.len());
     }
-    if let (Some(amx), CpuStorage::BF16(xd), CpuStorage::BF16(wd)) = (super::amx::get(), x, ws) {
-        let lhs = Lhs::Bf16(Rows::matrix(contiguous(xd, xl, OP, "x")?, rows, k));
-        let w = Rows::matrix(contiguous(wd, wl, OP, "weight")?, out_f, in_f);
-        let rhs = if side == Side::Forward { Rhs::Transposed(w) } else { Rhs::Plain(w) };
-        amx.product(lhs, rhs, dst, 0, n, accumulate);
+    let on = on_amx(x, xl, weight, side, |amx, lhs, rhs| amx.product(lhs, rhs, dst, 0, n, accumulate))?;
+    if on.is_some() {
         return Ok(());
     }
     let x32 = match x32 {
         Some(v) => std::borrow::Cow::Borrowed(v),
         None => f32_elems(x, Some(xl), OP, "x")?,
     };
-    let w = f32_elems(ws, Some(wl), OP, "weight")?;
+    let (ws, wl) = weight.storage_and_layout();
+    let w = f32_elems(cpu_storage(&ws, OP)?, Some(wl), OP, "weight")?;
+    let (out_f, in_f) = wl.shape().dims2()?;
     let w = View::matrix(&w, out_f, in_f);
     let p = product(View::matrix(&x32, rows, k), if side == Side::Forward { w.t() } else { w });
     if accumulate {
@@ -107,22 +130,10 @@ pub(crate) fn cpu_frozen_output(
     weight: &Tensor,
     side: Side,
 ) -> Result<Vec<f32>> {
-    let (ws, wl) = weight.storage_and_layout();
-    let (out_f, in_f) = wl.shape().dims2()?;
-    let (k, n) = match side {
-        Side::Forward => (in_f, out_f),
-        Side::InputGrad => (out_f, in_f),
-    };
-    let rows = xl.shape().elem_count() / k.max(1);
-    if let (Some(amx), CpuStorage::BF16(xd), CpuStorage::BF16(wd)) =
-        (super::amx::get(), x, cpu_storage(&ws, OP)?)
-    {
-        let lhs = Lhs::Bf16(Rows::matrix(contiguous(xd, xl, OP, "x")?, rows, k));
-        let w = Rows::matrix(contiguous(wd, wl, OP, "weight")?, out_f, in_f);
-        let rhs = if side == Side::Forward { Rhs::Transposed(w) } else { Rhs::Plain(w) };
-        return Ok(amx.product_new(lhs, rhs));
+    if let Some(y) = on_amx(x, xl, weight, side, |amx, lhs, rhs| amx.product_new(lhs, rhs))? {
+        return Ok(y);
     }
-    drop(ws);
+    let (rows, _, n) = product_dims(xl, weight, side)?;
     let mut y = super::cpu_output::<f32>(rows * n);
     cpu_frozen_product(x, xl, x32, weight, side, &mut y, false)?;
     Ok(y)
